@@ -1,0 +1,174 @@
+"""Host-side audio loading: decode, channel policy, resample to 16 kHz, peak normalisation, int16 round trip,
+10 s windows (AF2_SPEC 2.1-2.2), and batch collation.
+
+Deviations from the original, all deliberate:
+- mp3 is decoded by soundfile (libsndfile) and resampled by librosa's soxr_hq like every other format; the original
+  used pydub/ffmpeg and audioop's rate conversion for mp3 (channel averaging is kept).
+- An all-zero clip stays silent (with a warning) instead of turning into NaN through 0/0.
+- Up to 30 windows (5 minutes) are allowed; audio past the window limit is dropped with a warning that says how
+  much, where the original dropped it silently.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+from typing import Sequence
+
+import numpy as np
+import soundfile
+
+from af2_jax.config import MAX_WINDOWS_LIMIT, AudioConfig
+
+logger = logging.getLogger(__name__)
+
+_DEFAULT_AUDIO = AudioConfig()
+
+
+class AudioError(ValueError):
+    """A file that cannot be turned into model input. The message names the file, the problem and the fix."""
+
+
+class AudioWarning(UserWarning):
+    """Audio was changed in a way the user should know about (cut to the window limit, silent input)."""
+
+
+def _fail(path, problem: str) -> AudioError:
+    return AudioError(f"{path}: {problem}")
+
+
+def _check_path(path) -> None:
+    if not os.path.exists(path):
+        raise _fail(path, "no such file; check the path")
+    if os.path.isdir(path):
+        raise _fail(path, "is a directory, not an audio file; pass a file inside it")
+    if os.path.getsize(path) == 0:
+        raise _fail(path, "is empty (0 bytes); re-export or re-download the file")
+
+
+def _open(path) -> soundfile.SoundFile:
+    try:
+        return soundfile.SoundFile(path)
+    except soundfile.LibsndfileError as err:
+        raise _fail(path, f"cannot be decoded as audio ({err.error_string}); convert it to wav/flac/ogg/mp3") from None
+    except RuntimeError as err:  # older soundfile versions raise RuntimeError
+        raise _fail(path, f"cannot be decoded as audio ({err}); convert it to wav/flac/ogg/mp3") from None
+
+
+def read_audio(path, *, max_seconds: float | None = None, sample_rate: int = 16000) -> tuple[np.ndarray, float]:
+    """Decodes `path` into mono float32 at `sample_rate`, peak-normalised as the original (AF2_SPEC 2.1).
+
+    Returns `(samples, total_seconds)`; `total_seconds` is the duration of the whole file, so callers can report
+    what `max_seconds` dropped. Raises `AudioError` with one line naming the file and the problem.
+    """
+    path = os.fspath(path)
+    _check_path(path)
+    with _open(path) as f:
+        file_rate = f.samplerate
+        total_frames = f.frames
+        wanted = total_frames if max_seconds is None else min(total_frames, int(max_seconds * file_rate))
+        try:
+            data = f.read(frames=wanted, dtype="float64", always_2d=True)
+        except (soundfile.LibsndfileError, RuntimeError) as err:
+            raise _fail(path, f"is corrupt or truncated and could not be decoded ({err}); re-export the file") from None
+    if data.shape[0] == 0:
+        raise _fail(path, "contains no audio samples; re-export the file")
+    if not np.isfinite(data).all():
+        raise _fail(path, "contains NaN or infinite samples; fix the file (e.g. re-export it as 16-bit PCM)")
+    if total_frames > 0 and data.shape[0] < wanted:
+        raise _fail(path, f"is truncated: the header promises {wanted} frames but only {data.shape[0]} decode; "
+                          "re-export or re-download the file")
+    total_seconds = total_frames / file_rate
+
+    if path.lower().endswith(".mp3"):
+        # The original decodes mp3 with pydub and averages the channels.
+        mono = data.mean(axis=1)
+    else:
+        # Everything else keeps only the first channel, and is scaled into [-1, 1] when it exceeds it.
+        mono = data[:, 0]
+        peak = np.max(np.abs(mono))
+        if peak > 1.0:
+            mono = mono / peak
+    if file_rate != sample_rate:
+        import librosa  # imported lazily: numba compiles on first import
+
+        mono = librosa.resample(mono, orig_sr=file_rate, target_sr=sample_rate, res_type="soxr_hq")
+    return _peak_normalise(mono, path), total_seconds
+
+
+def _peak_normalise(x: np.ndarray, path) -> np.ndarray:
+    """The original always rescales so the largest magnitude is 1; non-negative signals are mapped to [-1, 1]
+    with a DC shift (Q17). An all-zero signal stays zero instead of becoming NaN."""
+    peak = float(np.max(np.abs(x))) if x.size else 0.0
+    if peak == 0.0:
+        warnings.warn(f"{path}: the audio is all zeros (silent); it is kept silent", AudioWarning, stacklevel=3)
+        return x.astype(np.float64)
+    if np.min(x) >= 0:
+        return 2.0 * x / peak - 1.0
+    return x / max(abs(float(np.max(x))), abs(float(np.min(x))))
+
+
+def int16_round_trip(x: np.ndarray) -> np.ndarray:
+    """clip to [-1, 1], scale by 32767, truncate toward zero to int16, divide by 32767 (float64 math, float32 out)."""
+    q = (np.clip(x, -1.0, 1.0) * 32767.0).astype(np.int16)
+    return (q / 32767.0).astype(np.float32)
+
+
+def num_windows(num_samples: int, window_samples: int, max_windows: int) -> int:
+    """Window count of a clip of `num_samples` (AF2_SPEC 2.2, no overlap)."""
+    if num_samples <= window_samples:
+        return 1
+    return min(max_windows, 1 + math.ceil((num_samples - window_samples) / window_samples))
+
+
+def split_windows(samples: np.ndarray, *, window_samples: int, max_windows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Zero-pads `samples` to whole windows, applies the int16 round trip and cuts `(W, window_samples)`.
+
+    Every window of the clip, a partly padded last one included, gets mask 1 (Q19).
+    """
+    count = num_windows(len(samples), window_samples, max_windows)
+    padded = np.zeros(count * window_samples, dtype=np.float64)
+    kept = samples[: count * window_samples]
+    padded[: len(kept)] = kept
+    windows = int16_round_trip(padded).reshape(count, window_samples)
+    return windows, np.ones((count,), dtype=np.float32)
+
+
+def load_windows(path, max_windows: int = 12, *, config: AudioConfig = _DEFAULT_AUDIO) -> tuple[np.ndarray, np.ndarray]:
+    """Loads an audio file as model input: `(W, 160000)` float32 windows and a `(W,)` float32 mask of ones.
+
+    `max_windows` may be 1..30 (30 windows = 5 minutes); audio beyond it is dropped with an `AudioWarning`.
+    """
+    if not 1 <= max_windows <= MAX_WINDOWS_LIMIT:
+        raise ValueError(f"max_windows={max_windows} is outside 1..{MAX_WINDOWS_LIMIT} (30 windows = 5 minutes)")
+    limit_seconds = max_windows * config.window_seconds
+    samples, total_seconds = read_audio(path, max_seconds=limit_seconds, sample_rate=config.sample_rate)
+    if total_seconds > limit_seconds + 1e-6:
+        warnings.warn(
+            f"{path}: {total_seconds:.1f} s of audio is longer than max_windows={max_windows} windows "
+            f"({limit_seconds:.0f} s); the last {total_seconds - limit_seconds:.1f} s were dropped",
+            AudioWarning, stacklevel=2)
+    return split_windows(samples, window_samples=config.window_samples, max_windows=max_windows)
+
+
+def collate_windows(items: Sequence[tuple[np.ndarray, np.ndarray]],
+                    pad_to: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Stacks per-clip `(windows, mask)` pairs into `(B, L, S)` / `(B, L)`, padding with all-zero windows of mask 0.
+
+    `pad_to` fixes L (for shape bucketing); by default it is the largest window count in the batch.
+    """
+    if not items:
+        raise ValueError("collate_windows needs at least one clip")
+    longest = max(w.shape[0] for w, _ in items)
+    target = longest if pad_to is None else pad_to
+    if target < longest:
+        raise ValueError(f"pad_to={target} is smaller than the longest clip ({longest} windows)")
+    window_samples = items[0][0].shape[1]
+    audio = np.zeros((len(items), target, window_samples), dtype=np.float32)
+    mask = np.zeros((len(items), target), dtype=np.float32)
+    for row, (windows, window_mask) in enumerate(items):
+        audio[row, : windows.shape[0]] = windows
+        mask[row, : windows.shape[0]] = window_mask
+    return audio, mask

@@ -1,0 +1,160 @@
+"""The one table from original PyTorch state-dict names to NNX parameter paths, with explicit transforms.
+
+Templates use `{s}` (stage), `{b}` (block) placeholders that match decimal indices; every rule works in both directions
+(import: original -> NNX; export and error messages: NNX -> original). Original names use the `clap.nvclap.` prefix of
+the reference inference code; `clap.afclap.` (training code) is accepted and normalised on the way in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable
+
+import numpy as np
+
+from af2_jax.config import AF2Config
+from af2_jax.nn.htsat import relative_position_index, shifted_window_mask
+
+CLAP_PREFIXES = ("clap.nvclap.", "clap.afclap.")
+CANONICAL_CLAP_PREFIX = "clap.nvclap."
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+    name: str
+    to_jax: Callable[[np.ndarray], np.ndarray]
+    to_torch: Callable[[np.ndarray], np.ndarray]
+    to_jax_shape: Callable[[tuple], tuple]
+
+
+IDENTITY = Transform("identity", lambda w: w, lambda w: w, lambda s: tuple(s))
+# nn.Linear stores (out, in); nnx.Linear's kernel is (in, out).
+LINEAR = Transform("linear", lambda w: w.T, lambda w: w.T, lambda s: tuple(s)[::-1])
+# nn.Conv2d stores (out, in, kh, kw); nnx.Conv's kernel is (kh, kw, in, out).
+CONV2D = Transform("conv2d", lambda w: w.transpose(2, 3, 1, 0), lambda w: w.transpose(3, 2, 0, 1),
+                   lambda s: (s[2], s[3], s[1], s[0]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    source: str  # original name template
+    target: str  # NNX path template (dot-separated)
+    transform: Transform = IDENTITY
+
+    def _regex(self, template: str) -> re.Pattern:
+        escaped = re.escape(template).replace(r"\{", "{").replace(r"\}", "}")
+        return re.compile(re.sub(r"{(\w+)}", r"(?P<\1>\\d+)", escaped))
+
+    def match_source(self, name: str) -> str | None:
+        m = self._regex(self.source).fullmatch(name)
+        return self.target.format(**m.groupdict()) if m else None
+
+    def match_target(self, path: str) -> str | None:
+        m = self._regex(self.target).fullmatch(path)
+        return self.source.format(**m.groupdict()) if m else None
+
+
+_ENC = CANONICAL_CLAP_PREFIX
+_BLOCK = _ENC + "layers.{s}.blocks.{b}."
+_TBLOCK = "audio_encoder.stages.{s}.blocks.{b}."
+
+HTSAT_RULES: tuple[Rule, ...] = (
+    Rule(_ENC + "bn0.weight", "audio_encoder.bn0.scale"),
+    Rule(_ENC + "bn0.bias", "audio_encoder.bn0.bias"),
+    Rule(_ENC + "bn0.running_mean", "audio_encoder.bn0.mean"),
+    Rule(_ENC + "bn0.running_var", "audio_encoder.bn0.var"),
+    Rule(_ENC + "patch_embed.proj.weight", "audio_encoder.patch_embed.kernel", CONV2D),
+    Rule(_ENC + "patch_embed.proj.bias", "audio_encoder.patch_embed.bias"),
+    Rule(_ENC + "patch_embed.norm.weight", "audio_encoder.patch_norm.scale"),
+    Rule(_ENC + "patch_embed.norm.bias", "audio_encoder.patch_norm.bias"),
+    Rule(_BLOCK + "norm1.weight", _TBLOCK + "norm1.scale"),
+    Rule(_BLOCK + "norm1.bias", _TBLOCK + "norm1.bias"),
+    Rule(_BLOCK + "attn.qkv.weight", _TBLOCK + "attn.qkv.kernel", LINEAR),
+    Rule(_BLOCK + "attn.qkv.bias", _TBLOCK + "attn.qkv.bias"),
+    Rule(_BLOCK + "attn.proj.weight", _TBLOCK + "attn.proj.kernel", LINEAR),
+    Rule(_BLOCK + "attn.proj.bias", _TBLOCK + "attn.proj.bias"),
+    Rule(_BLOCK + "attn.relative_position_bias_table", _TBLOCK + "attn.relative_position_bias_table"),
+    Rule(_BLOCK + "norm2.weight", _TBLOCK + "norm2.scale"),
+    Rule(_BLOCK + "norm2.bias", _TBLOCK + "norm2.bias"),
+    Rule(_BLOCK + "mlp.fc1.weight", _TBLOCK + "fc1.kernel", LINEAR),
+    Rule(_BLOCK + "mlp.fc1.bias", _TBLOCK + "fc1.bias"),
+    Rule(_BLOCK + "mlp.fc2.weight", _TBLOCK + "fc2.kernel", LINEAR),
+    Rule(_BLOCK + "mlp.fc2.bias", _TBLOCK + "fc2.bias"),
+    Rule(_ENC + "layers.{s}.downsample.norm.weight", "audio_encoder.stages.{s}.downsample.norm.scale"),
+    Rule(_ENC + "layers.{s}.downsample.norm.bias", "audio_encoder.stages.{s}.downsample.norm.bias"),
+    Rule(_ENC + "layers.{s}.downsample.reduction.weight", "audio_encoder.stages.{s}.downsample.reduction.kernel",
+         LINEAR),
+    Rule(_ENC + "norm.weight", "audio_encoder.norm.scale"),
+    Rule(_ENC + "norm.bias", "audio_encoder.norm.bias"),
+)
+
+# Buffers that are pure functions of the configuration: recomputed by the model, checked equal to the file.
+_CONSTANT_PATTERNS: tuple[tuple[re.Pattern, str], ...] = (
+    (re.compile(re.escape(_ENC) + r"layers\.(\d+)\.blocks\.(\d+)\.attn\.relative_position_index"),
+     "relative_position_index"),
+    (re.compile(re.escape(_ENC) + r"layers\.(\d+)\.blocks\.(\d+)\.attn_mask"), "attn_mask"),
+)
+
+# Tensors in the release that no inference computation reads (AF2_SPEC 4.4, Q4). They are kept aside (never in the
+# model's parameters) so an export can restore them.
+DEAD_PATTERNS: tuple[re.Pattern, ...] = tuple(re.compile(re.escape(_ENC) + p) for p in (
+    r"spectrogram_extractor\..+",  # torchlibrosa STFT bases
+    r"logmel_extractor\..+",  # torchlibrosa Slaney mel matrix
+    r"patch_embed\.mel_conv2d\..+",  # AFF fusion branch (only for windows longer than 10 s)
+    r"patch_embed\.fusion_model\..+",
+    r"tscam_conv\..+",  # classifier head, computed and discarded by the original
+    r"head\..+",
+    r"(.+\.)?num_batches_tracked",  # BatchNorm step counters
+))
+
+
+def canonical_name(name: str) -> str:
+    """`clap.afclap.X` -> `clap.nvclap.X`; other names unchanged."""
+    if name.startswith("clap.afclap."):
+        return CANONICAL_CLAP_PREFIX + name[len("clap.afclap."):]
+    return name
+
+
+def is_dead(name: str) -> bool:
+    return any(p.fullmatch(canonical_name(name)) for p in DEAD_PATTERNS)
+
+
+def constant_kind(name: str) -> tuple[str, tuple[int, ...]] | None:
+    """`("relative_position_index" | "attn_mask", (stage, block))` for a recomputed buffer, else None."""
+    for pattern, kind in _CONSTANT_PATTERNS:
+        m = pattern.fullmatch(canonical_name(name))
+        if m:
+            return kind, tuple(int(g) for g in m.groups())
+    return None
+
+
+def expected_constant(config: AF2Config, kind: str, stage: int, block: int) -> np.ndarray | None:
+    """The value the original stores for a constant buffer, recomputed from the configuration (None: the block
+    has no such buffer)."""
+    h = config.htsat
+    if stage >= len(h.depths) or block >= h.depths[stage]:
+        return None
+    resolution = h.patch_grid // 2 ** stage
+    window = min(h.window_size, resolution)
+    if kind == "relative_position_index":
+        return relative_position_index(window)
+    shift = 0 if (block % 2 == 0 or resolution <= h.window_size) else h.window_size // 2
+    return shifted_window_mask(resolution, window, shift) if shift else None
+
+
+def to_target(name: str, rules=HTSAT_RULES) -> tuple[str, Transform] | None:
+    name = canonical_name(name)
+    for rule in rules:
+        target = rule.match_source(name)
+        if target is not None:
+            return target, rule.transform
+    return None
+
+
+def to_source(path: str, rules=HTSAT_RULES) -> tuple[str, Transform] | None:
+    for rule in rules:
+        source = rule.match_target(path)
+        if source is not None:
+            return source, rule.transform
+    return None

@@ -1,0 +1,1 @@
+"""Flax NNX modules mirroring the original PyTorch modules parameter for parameter."""
