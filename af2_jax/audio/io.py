@@ -77,12 +77,14 @@ def read_audio(path, *, max_seconds: float | None = None, sample_rate: int = 160
         raise _fail(path, "contains no audio samples; re-export the file")
     if not np.isfinite(data).all():
         raise _fail(path, "contains NaN or infinite samples; fix the file (e.g. re-export it as 16-bit PCM)")
-    if total_frames > 0 and data.shape[0] < wanted:
+    is_mp3 = path.lower().endswith(".mp3")
+    # libsndfile only estimates an mp3's length (encoder padding), so a short read is an error for other formats only.
+    if not is_mp3 and data.shape[0] < wanted:
         raise _fail(path, f"is truncated: the header promises {wanted} frames but only {data.shape[0]} decode; "
                           "re-export or re-download the file")
     total_seconds = total_frames / file_rate
 
-    if path.lower().endswith(".mp3"):
+    if is_mp3:
         # The original decodes mp3 with pydub and averages the channels.
         mono = data.mean(axis=1)
     else:

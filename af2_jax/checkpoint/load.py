@@ -134,5 +134,5 @@ def load_htsat(source, config: AF2Config, *, dtype=jnp.float32, param_dtype=jnp.
                                   "the checkpoint was made with a different window size or grid")
     for path, var in flat:
         name, transform = report.assignments[HTSAT_ROOT + "." + ".".join(str(k) for k in path)]
-        var.value = jnp.asarray(transform.to_jax(ckpt.get(name)), dtype=var.dtype)
+        var.set_value(jnp.asarray(transform.to_jax(ckpt.get(name)), dtype=var.dtype))
     return nnx.merge(graphdef, state)

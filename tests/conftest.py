@@ -1,0 +1,127 @@
+"""Shared test setup: float32 parity mode, the golden fixtures, and real audio made on this machine.
+
+Fixtures are found through AF2_FIXTURES (default ../shared/fixtures next to the repository). A missing folder fails
+the run; it is never a skip. Every folder in it with a config.json is a fixture, so parity tests cover new ones.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import soundfile
+
+jax.config.update("jax_default_matmul_precision", "highest")
+jax.config.update("jax_enable_x64", False)
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(os.environ.get("AF2_FIXTURES", REPO.parent / "shared" / "fixtures")).resolve()
+
+if not FIXTURES.is_dir():
+    raise pytest.UsageError(f"AF2_FIXTURES={FIXTURES} is not a folder: the golden fixtures are required "
+                            "(set AF2_FIXTURES to ../shared/fixtures of the steering repository)")
+FIXTURE_DIRS = sorted(p for p in FIXTURES.iterdir() if (p / "config.json").is_file())
+if not FIXTURE_DIRS:
+    raise pytest.UsageError(f"AF2_FIXTURES={FIXTURES} holds no fixture folder with a config.json")
+SHAPE_MAPS = sorted(FIXTURES.glob("af2_*_shapes.json"))
+
+
+class Fixture:
+    """One golden fixture folder: its config, inputs and outputs, loaded lazily."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.name = path.name
+        self.raw_config = json.loads((path / "config.json").read_text())
+        self._inputs = self._outputs = None
+
+    @property
+    def config(self):
+        from af2_jax.config import AF2Config
+
+        return AF2Config.from_original_config(self.raw_config)
+
+    @property
+    def inputs(self):
+        if self._inputs is None:
+            self._inputs = dict(np.load(self.path / "inputs.npz"))
+        return self._inputs
+
+    @property
+    def outputs(self):
+        if self._outputs is None:
+            self._outputs = dict(np.load(self.path / "outputs.npz"))
+        return self._outputs
+
+    @property
+    def weights(self) -> Path:
+        return self.path / "model.safetensors"
+
+
+_LOADED = {p: Fixture(p) for p in FIXTURE_DIRS}
+
+
+@pytest.fixture(params=FIXTURE_DIRS, ids=[p.name for p in FIXTURE_DIRS], scope="session")
+def golden(request) -> Fixture:
+    return _LOADED[request.param]
+
+
+@pytest.fixture(params=SHAPE_MAPS, ids=[p.name for p in SHAPE_MAPS], scope="session")
+def shape_map(request) -> dict:
+    return json.loads(request.param.read_text())
+
+
+def rel_err(actual, expected) -> float:
+    """Max abs error relative to the max abs value of the expected array."""
+    expected = np.asarray(expected, np.float64)
+    return float(np.max(np.abs(np.asarray(actual, np.float64) - expected)) / np.max(np.abs(expected)))
+
+
+# --- real audio ------------------------------------------------------------------------------------------------
+def pygame_clip_dir() -> Path:
+    spec = importlib.util.find_spec("pygame")
+    if spec is None:
+        raise RuntimeError("pygame-ce is not installed; install the [test] extra")
+    return Path(spec.submodule_search_locations[0]) / "examples" / "data"
+
+
+def _run(*cmd):
+    tool = shutil.which(cmd[0])
+    if tool is None:
+        raise RuntimeError(f"{cmd[0]} is missing; install the Debian packages espeak-ng sox libsox-fmt-all")
+    subprocess.run(cmd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def audio_files(tmp_path_factory) -> dict[str, Path]:
+    """Real recordings and synthesised files, made once per session."""
+    d = tmp_path_factory.mktemp("audio")
+    files = {
+        "speech": d / "speech.wav",
+        "stereo": d / "stereo.wav",
+        "stereo_mp3": d / "stereo.mp3",
+        "long25": d / "long25.flac",
+        "six_minutes": d / "six_minutes.ogg",
+        "silence": d / "silence.wav",
+        "positive": d / "positive.wav",
+    }
+    _run("espeak-ng", "-w", str(files["speech"]), "The quick brown fox jumps over the lazy dog near the river bank.")
+    # Left: a 440 Hz tone, right: pink noise, so the channel policy is visible.
+    _run("sox", "-n", "-r", "44100", "-c", "2", str(files["stereo"]), "synth", "3", "sine", "440", "pinknoise",
+         "gain", "-6")
+    _run("sox", "-n", "-r", "44100", "-c", "2", str(files["stereo_mp3"]), "synth", "4", "sine", "330", "sine", "880",
+         "gain", "-6")
+    _run("sox", "-n", "-r", "16000", "-c", "1", str(files["long25"]), "synth", "25", "sine", "200-3000", "gain", "-3")
+    _run("sox", "-n", "-r", "8000", "-c", "1", str(files["six_minutes"]), "synth", "360", "brownnoise", "gain",
+         "-10")
+    soundfile.write(str(files["silence"]), np.zeros(32000, np.int16), 16000)
+    t = np.arange(16000) / 16000
+    soundfile.write(str(files["positive"]), 0.5 + 0.25 * np.sin(2 * np.pi * 100 * t), 16000, subtype="FLOAT")
+    return files
