@@ -18,7 +18,6 @@ import warnings
 from typing import Sequence
 
 import numpy as np
-import soundfile
 
 from af2_jax.config import MAX_WINDOWS_LIMIT, AudioConfig
 
@@ -48,7 +47,9 @@ def _check_path(path) -> None:
         raise _fail(path, "is empty (0 bytes); re-export or re-download the file")
 
 
-def _open(path) -> soundfile.SoundFile:
+def _open(path):
+    import soundfile  # imported here so that device-only code paths (features, encoder) need no libsndfile
+
     try:
         return soundfile.SoundFile(path)
     except soundfile.LibsndfileError as err:
@@ -65,6 +66,8 @@ def read_audio(path, *, max_seconds: float | None = None, sample_rate: int = 160
     """
     path = os.fspath(path)
     _check_path(path)
+    import soundfile
+
     with _open(path) as f:
         file_rate = f.samplerate
         total_frames = f.frames

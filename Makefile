@@ -1,0 +1,41 @@
+# Two entry points (README Quickstart): `make demo` and `make test`. Each creates .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PIP := $(VENV)/bin/pip
+PY := $(VENV)/bin/python
+EXAMPLE := infer/examples/three_beeps.flac
+
+.PHONY: demo test test-all system-deps clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV) || ($(PYTHON) -m pip install --user virtualenv && $(PYTHON) -m virtualenv $(VENV))
+	$(PIP) install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml constraints.txt | $(PY)
+	$(PIP) install -q -c constraints.txt -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) install -q -c constraints.txt -e ".[test]"
+	touch $@
+
+# Until inference lands, the main job loads the bundled clip and runs the audio encoder (release size, random
+# weights) on it, printing the shapes at every stage.
+demo: $(VENV)/.installed
+	$(PY) -m af2_jax.audio $(EXAMPLE)
+
+# Debian packages the tests use to make real audio (speech, tones, noise, mp3).
+system-deps:
+	@command -v espeak-ng >/dev/null && command -v sox >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq espeak-ng sox libsox-fmt-all; }
+
+test: system-deps $(VENV)/.installed-test
+	$(PY) -m pytest
+
+# The default suite plus the tests marked slow.
+test-all: system-deps $(VENV)/.installed-test
+	$(PY) -m pytest -m ""
+
+clean:
+	rm -rf $(VENV) .pytest_cache
