@@ -7,7 +7,7 @@ import safetensors.numpy
 from flax import nnx
 
 from af2_jax.checkpoint import CheckpointError, SafetensorsCheckpoint, flat_shapes, load_htsat, map_names
-from af2_jax.checkpoint.keymap import DEAD_PATTERNS, canonical_name
+from af2_jax.checkpoint.keymap import CLAP_PREFIXES, DEAD_PATTERNS, canonical_name
 from af2_jax.config import PRESETS
 from af2_jax.nn.htsat import HTSAT, encode_windows, relative_position_index, shifted_window_mask
 from conftest import rel_err
@@ -115,7 +115,7 @@ def test_release_shape_map_fits_preset(size):
     abstract = nnx.eval_shape(lambda: HTSAT(cfg.htsat, rngs=nnx.Rngs(0)))
     targets = flat_shapes(abstract, root="audio_encoder")
     source = {k: tuple(v[0]) for k, v in shapes["state_dict"].items()}
-    report = map_names(source, targets, cfg)
+    report = map_names(source, targets, cfg, scope=CLAP_PREFIXES)
     assert report.ok, report.error_message(size)
     assert set(report.assignments) == set(targets)  # nothing missing
     clap_keys = [k for k in source if k.startswith("clap.")]

@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 
 from af2_jax.config import AF2Config
+from af2_jax.nn.audio_transformer import rotary_inv_freq
 from af2_jax.nn.htsat import relative_position_index, shifted_window_mask
 
 CLAP_PREFIXES = ("clap.nvclap.", "clap.afclap.")
@@ -89,11 +90,101 @@ HTSAT_RULES: tuple[Rule, ...] = (
     Rule(_ENC + "norm.bias", "audio_encoder.norm.bias"),
 )
 
+_AT = "audio_transformer_clap."
+_ATL = _AT + "layer_stack.{l}."
+_TATL = "audio_transformer.layers.{l}."
+
+AUDIO_TRANSFORMER_RULES: tuple[Rule, ...] = (
+    Rule(_AT + "layer_norm.weight", "audio_transformer.input_norm.scale"),
+    Rule(_AT + "layer_norm.bias", "audio_transformer.input_norm.bias"),
+    Rule(_ATL + "slf_attn.w_qs.weight", _TATL + "w_qs.kernel", LINEAR),
+    Rule(_ATL + "slf_attn.w_ks.weight", _TATL + "w_ks.kernel", LINEAR),
+    Rule(_ATL + "slf_attn.w_vs.weight", _TATL + "w_vs.kernel", LINEAR),
+    Rule(_ATL + "slf_attn.fc.weight", _TATL + "fc.kernel", LINEAR),
+    Rule(_ATL + "slf_attn.layer_norm.weight", _TATL + "attn_norm.scale"),
+    Rule(_ATL + "slf_attn.layer_norm.bias", _TATL + "attn_norm.bias"),
+    Rule(_ATL + "pos_ffn.w_1.weight", _TATL + "w_1.kernel", LINEAR),
+    Rule(_ATL + "pos_ffn.w_1.bias", _TATL + "w_1.bias"),
+    Rule(_ATL + "pos_ffn.w_2.weight", _TATL + "w_2.kernel", LINEAR),
+    Rule(_ATL + "pos_ffn.w_2.bias", _TATL + "w_2.bias"),
+    Rule(_ATL + "pos_ffn.layer_norm.weight", _TATL + "ffn_norm.scale"),
+    Rule(_ATL + "pos_ffn.layer_norm.bias", _TATL + "ffn_norm.bias"),
+)
+
+# The LM's layers are stacked: `[{i}]` addresses slice i of a parameter with a leading `layers` axis.
+_XA = "lang_encoder.model.layers.{i}.gated_cross_attn_layer_sound."
+_DL = "lang_encoder.model.layers.{i}.decoder_layer."
+
+LM_RULES: tuple[Rule, ...] = (
+    Rule("lang_encoder.model.embed_tokens.weight", "embed_tokens.embedding"),
+    Rule("lang_encoder.model.norm.weight", "norm.weight"),
+    Rule(_XA + "attn_gate", "layers.xattn.attn_gate[{i}]"),
+    Rule(_XA + "ff_gate", "layers.xattn.ff_gate[{i}]"),
+    Rule(_XA + "attn.norm.weight", "layers.xattn.norm.scale[{i}]"),
+    Rule(_XA + "attn.norm.bias", "layers.xattn.norm.bias[{i}]"),
+    Rule(_XA + "attn.to_q.weight", "layers.xattn.to_q.kernel[{i}]", LINEAR),
+    Rule(_XA + "attn.to_kv.weight", "layers.xattn.to_kv.kernel[{i}]", LINEAR),
+    Rule(_XA + "attn.to_out.weight", "layers.xattn.to_out.kernel[{i}]", LINEAR),
+    Rule(_XA + "ff.0.weight", "layers.xattn.ff_norm.scale[{i}]"),
+    Rule(_XA + "ff.0.bias", "layers.xattn.ff_norm.bias[{i}]"),
+    Rule(_XA + "ff.1.weight", "layers.xattn.ff_in.kernel[{i}]", LINEAR),
+    Rule(_XA + "ff.3.weight", "layers.xattn.ff_out.kernel[{i}]", LINEAR),
+    Rule(_DL + "self_attn.q_proj.weight", "layers.decoder.self_attn.q_proj.kernel[{i}]", LINEAR),
+    Rule(_DL + "self_attn.q_proj.bias", "layers.decoder.self_attn.q_proj.bias[{i}]"),
+    Rule(_DL + "self_attn.k_proj.weight", "layers.decoder.self_attn.k_proj.kernel[{i}]", LINEAR),
+    Rule(_DL + "self_attn.k_proj.bias", "layers.decoder.self_attn.k_proj.bias[{i}]"),
+    Rule(_DL + "self_attn.v_proj.weight", "layers.decoder.self_attn.v_proj.kernel[{i}]", LINEAR),
+    Rule(_DL + "self_attn.v_proj.bias", "layers.decoder.self_attn.v_proj.bias[{i}]"),
+    Rule(_DL + "self_attn.o_proj.weight", "layers.decoder.self_attn.o_proj.kernel[{i}]", LINEAR),
+    Rule(_DL + "mlp.gate_proj.weight", "layers.decoder.mlp.gate_proj.kernel[{i}]", LINEAR),
+    Rule(_DL + "mlp.up_proj.weight", "layers.decoder.mlp.up_proj.kernel[{i}]", LINEAR),
+    Rule(_DL + "mlp.down_proj.weight", "layers.decoder.mlp.down_proj.kernel[{i}]", LINEAR),
+    Rule(_DL + "input_layernorm.weight", "layers.decoder.input_layernorm.weight[{i}]"),
+    Rule(_DL + "post_attention_layernorm.weight", "layers.decoder.post_attention_layernorm.weight[{i}]"),
+)
+
+RULES = HTSAT_RULES + AUDIO_TRANSFORMER_RULES + LM_RULES
+
+# Second names of the same tensors in a full state_dict (AF2_SPEC 4.3): alias template -> canonical template. When
+# the original loads a checkpoint the alias is loaded last, so its value is the one the model ends up with.
+ALIASES: tuple[tuple[str, str], ...] = (
+    ("lang_encoder.lm_head.weight", "lang_encoder.model.embed_tokens.weight"),
+    ("lang_encoder.old_decoder_blocks.{i}.{rest}", "lang_encoder.model.layers.{i}.decoder_layer.{rest}"),
+    ("lang_encoder.gated_cross_attn_layers_sound.{i}.{rest}",
+     "lang_encoder.model.layers.{i}.gated_cross_attn_layer_sound.{rest}"),
+)
+_ALIAS_REGEX = tuple(
+    (re.compile(re.escape(a).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{rest\}", r"(?P<rest>.+)")), c)
+    for a, c in ALIASES)
+
+
+def alias_twin(name: str) -> str | None:
+    """The canonical name an alias key duplicates, or None if `name` is no alias."""
+    for regex, canonical in _ALIAS_REGEX:
+        m = regex.fullmatch(name)
+        if m:
+            return canonical.format(**m.groupdict())
+    return None
+
+
+def aliases_of(canonical: str) -> list[str]:
+    """Alias names a full state_dict holds for a canonical name (for export)."""
+    out = []
+    for alias, template in ALIASES:
+        pattern = re.compile(re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{rest\}",
+                                                                                          r"(?P<rest>.+)"))
+        m = pattern.fullmatch(canonical)
+        if m:
+            out.append(alias.format(**m.groupdict()))
+    return out
+
+
 # Buffers that are pure functions of the configuration: recomputed by the model, checked equal to the file.
 _CONSTANT_PATTERNS: tuple[tuple[re.Pattern, str], ...] = (
     (re.compile(re.escape(_ENC) + r"layers\.(\d+)\.blocks\.(\d+)\.attn\.relative_position_index"),
      "relative_position_index"),
     (re.compile(re.escape(_ENC) + r"layers\.(\d+)\.blocks\.(\d+)\.attn_mask"), "attn_mask"),
+    (re.compile(re.escape(_AT) + r"position_enc\.inv_freq"), "inv_freq"),
 )
 
 # Tensors in the release that no inference computation reads (AF2_SPEC 4.4, Q4). They are kept aside (never in the
@@ -121,7 +212,8 @@ def is_dead(name: str) -> bool:
 
 
 def constant_kind(name: str) -> tuple[str, tuple[int, ...]] | None:
-    """`("relative_position_index" | "attn_mask", (stage, block))` for a recomputed buffer, else None."""
+    """`(kind, indices)` for a recomputed buffer (`relative_position_index` / `attn_mask` with (stage, block),
+    `inv_freq` with ()), else None."""
     for pattern, kind in _CONSTANT_PATTERNS:
         m = pattern.fullmatch(canonical_name(name))
         if m:
@@ -129,9 +221,13 @@ def constant_kind(name: str) -> tuple[str, tuple[int, ...]] | None:
     return None
 
 
-def expected_constant(config: AF2Config, kind: str, stage: int, block: int) -> np.ndarray | None:
-    """The value the original stores for a constant buffer, recomputed from the configuration (None: the block
-    has no such buffer)."""
+def expected_constant(config: AF2Config, kind: str, *indices: int) -> np.ndarray | None:
+    """The value the original stores for a constant buffer, recomputed from the configuration (None: this
+    configuration has no such buffer)."""
+    if kind == "inv_freq":
+        at = config.audio_transformer
+        return rotary_inv_freq(at.rotary_dim, at.rotary_base)
+    stage, block = indices
     h = config.htsat
     if stage >= len(h.depths) or block >= h.depths[stage]:
         return None
@@ -143,7 +239,7 @@ def expected_constant(config: AF2Config, kind: str, stage: int, block: int) -> n
     return shifted_window_mask(resolution, window, shift) if shift else None
 
 
-def to_target(name: str, rules=HTSAT_RULES) -> tuple[str, Transform] | None:
+def to_target(name: str, rules=RULES) -> tuple[str, Transform] | None:
     name = canonical_name(name)
     for rule in rules:
         target = rule.match_source(name)
@@ -152,7 +248,7 @@ def to_target(name: str, rules=HTSAT_RULES) -> tuple[str, Transform] | None:
     return None
 
 
-def to_source(path: str, rules=HTSAT_RULES) -> tuple[str, Transform] | None:
+def to_source(path: str, rules=RULES) -> tuple[str, Transform] | None:
     for rule in rules:
         source = rule.match_target(path)
         if source is not None:

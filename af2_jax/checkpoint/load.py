@@ -1,13 +1,16 @@
 """Matching original tensors to NNX parameters, and loading them.
 
 `map_names` works on names and shapes alone (safetensors headers or a shape map) against an abstract model from
-`nnx.eval_shape`, so a whole release can be checked without reading or allocating any weights.
+`nnx.eval_shape`, so a whole release can be checked without reading or allocating any weights. Parameters of the
+stacked LM layers are addressed per layer as `path[i]` ("slots").
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+import logging
+import re
+from typing import Callable, Mapping
 
 import jax.numpy as jnp
 import numpy as np
@@ -16,25 +19,29 @@ from flax import nnx
 from af2_jax.checkpoint import keymap
 from af2_jax.checkpoint.reader import CheckpointError, SafetensorsCheckpoint
 from af2_jax.config import AF2Config
-from af2_jax.nn.htsat import HTSAT
 
-# Original names of the HTSAT audio encoder (either attribute name the original code used).
-HTSAT_SCOPE = keymap.CLAP_PREFIXES
+log = logging.getLogger(__name__)
+
 HTSAT_ROOT = "audio_encoder"
+# Top-level attributes of AF2Model whose parameters carry a leading `layers` axis.
+STACKED_ROOTS = ("layers",)
 _MAX_LISTED = 8
+_SLOT = re.compile(r"(.+)\[(\d+)\]")
+_COMPARE_CHUNK_BYTES = 64 << 20
 
 
 @dataclasses.dataclass
 class MappingReport:
-    """How the tensors of a checkpoint (within `scope`) line up with a model's parameters."""
+    """How the tensors of a checkpoint (within a scope of names) line up with a model's parameter slots."""
 
-    assignments: dict[str, tuple[str, keymap.Transform]]  # target path -> (source name, transform)
-    constants: dict[str, tuple[str, tuple[int, ...]]]  # source name -> (buffer kind, (stage, block))
-    dead: list[str]  # source names kept aside, unused at inference
-    out_of_scope: list[str]  # source names outside `scope` (handled by other parts of the model)
-    missing: list[str]
-    unexpected: list[str]
-    shape_errors: list[str]
+    assignments: dict[str, tuple[str, keymap.Transform]] = dataclasses.field(default_factory=dict)
+    constants: dict[str, tuple[str, tuple[int, ...]]] = dataclasses.field(default_factory=dict)
+    aliases: dict[str, str] = dataclasses.field(default_factory=dict)  # alias name -> canonical name
+    dead: list[str] = dataclasses.field(default_factory=list)
+    out_of_scope: list[str] = dataclasses.field(default_factory=list)
+    missing: list[str] = dataclasses.field(default_factory=list)
+    unexpected: list[str] = dataclasses.field(default_factory=list)
+    shape_errors: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -52,22 +59,48 @@ class MappingReport:
                 "check that --model / the config matches the checkpoint")
 
 
-def flat_shapes(module: nnx.Module, root: str = "") -> dict[str, tuple[int, ...]]:
-    """Dotted NNX path -> shape of every variable of a (possibly abstract) module."""
+def flat_variables(module: nnx.Module, root: str = "") -> list[tuple[str, nnx.Variable]]:
+    """(dotted path, variable) for every variable of a (possibly abstract) module."""
     _, state = nnx.split(module)
     prefix = root + "." if root else ""
-    return {prefix + ".".join(str(k) for k in path): tuple(var.shape) for path, var in nnx.to_flat_state(state)}
+    return [(prefix + ".".join(str(k) for k in path), var) for path, var in nnx.to_flat_state(state)]
+
+
+def _is_stacked(path: str) -> bool:
+    return path.split(".", 1)[0] in STACKED_ROOTS
+
+
+def flat_shapes(module: nnx.Module, root: str = "") -> dict[str, tuple[int, ...]]:
+    """Slot path -> shape: one entry per variable, or per layer (`path[i]`) for stacked variables."""
+    shapes = {}
+    for path, var in flat_variables(module, root):
+        shape = tuple(var.shape)
+        if _is_stacked(path):
+            for i in range(shape[0]):
+                shapes[f"{path}[{i}]"] = shape[1:]
+        else:
+            shapes[path] = shape
+    return shapes
 
 
 def map_names(source_shapes: Mapping[str, tuple[int, ...]], target_shapes: Mapping[str, tuple[int, ...]],
-              config: AF2Config, *, scope: tuple[str, ...] = HTSAT_SCOPE,
-              rules=keymap.HTSAT_RULES) -> MappingReport:
-    report = MappingReport({}, {}, [], [], [], [], [])
+              config: AF2Config, *, scope: tuple[str, ...] = ("",), rules=keymap.RULES) -> MappingReport:
+    """Lines up source names (original state-dict names) with target slots, from shapes alone."""
+    report = MappingReport()
     seen_canonical: dict[str, str] = {}
     for name, shape in source_shapes.items():
+        shape = tuple(shape)
         if not name.startswith(scope):
             report.out_of_scope.append(name)
             continue
+        twin = keymap.alias_twin(name)
+        if twin is not None:
+            report.aliases[name] = twin
+            if twin in source_shapes and tuple(source_shapes[twin]) != shape:
+                report.shape_errors.append(f"{name} is {shape} but its twin {twin} is {tuple(source_shapes[twin])}")
+            if twin in source_shapes:
+                continue  # the twin carries the mapping; values are compared when tensors are read
+            name = twin  # only the alias is present: it stands for its twin
         canonical = keymap.canonical_name(name)
         if canonical in seen_canonical:
             report.unexpected.append(f"{name} (duplicates {seen_canonical[canonical]}: keep one clap prefix)")
@@ -78,24 +111,23 @@ def map_names(source_shapes: Mapping[str, tuple[int, ...]], target_shapes: Mappi
             continue
         constant = keymap.constant_kind(name)
         if constant is not None:
-            kind, (stage, block) = constant
-            expected = keymap.expected_constant(config, kind, stage, block)
+            kind, indices = constant
+            expected = keymap.expected_constant(config, kind, *indices)
             if expected is None:
                 report.unexpected.append(f"{name} (this configuration has no such buffer)")
-            elif tuple(shape) != expected.shape:
-                report.shape_errors.append(f"{name} is {tuple(shape)}, expected {expected.shape}")
+            elif shape != expected.shape:
+                report.shape_errors.append(f"{name} is {shape}, expected {expected.shape}")
             else:
                 report.constants[name] = constant
             continue
         mapped = keymap.to_target(name, rules)
         if mapped is None or mapped[0] not in target_shapes:
-            report.unexpected.append(f"{name} {tuple(shape)}")
+            report.unexpected.append(f"{name} {shape}")
             continue
         target, transform = mapped
-        converted = transform.to_jax_shape(tuple(shape))
-        if converted != target_shapes[target]:
+        if transform.to_jax_shape(shape) != target_shapes[target]:
             report.shape_errors.append(
-                f"{name} is {tuple(shape)}, expected {transform.to_jax_shape(target_shapes[target])}")
+                f"{name} is {shape}, expected {transform.to_jax_shape(target_shapes[target])}")
             continue
         report.assignments[target] = (name, transform)
     for target, shape in target_shapes.items():
@@ -111,28 +143,111 @@ def map_names(source_shapes: Mapping[str, tuple[int, ...]], target_shapes: Mappi
     return report
 
 
-def _abstract_htsat(config: AF2Config, dtype, param_dtype) -> HTSAT:
-    return nnx.eval_shape(lambda: HTSAT(config.htsat, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+def plan(ckpt: SafetensorsCheckpoint, targets: Mapping[str, tuple[int, ...]], config: AF2Config, *,
+         scope=("",), what: str = "the checkpoint") -> MappingReport:
+    report = map_names({n: ckpt.info(n).shape for n in ckpt.keys()}, targets, config, scope=scope)
+    for alias, twin in report.aliases.items():
+        if twin in ckpt and ckpt.info(alias).dtype != ckpt.info(twin).dtype:
+            report.shape_errors.append(f"{alias} is {ckpt.info(alias).dtype} but its twin {twin} is "
+                                       f"{ckpt.info(twin).dtype}")
+    if not report.ok:
+        raise CheckpointError(report.error_message(f"{ckpt.source}: {what}"))
+    return report
 
 
-def load_htsat(source, config: AF2Config, *, dtype=jnp.float32, param_dtype=jnp.float32) -> HTSAT:
+def tensors_equal(ckpt: SafetensorsCheckpoint, a: str, b: str) -> bool:
+    """Compares two same-shaped tensors chunk by chunk (bounded memory, bitwise)."""
+    ia, ib = ckpt.info(a), ckpt.info(b)
+    size = ia.end - ia.start
+    if size != ib.end - ib.start:
+        return False
+    with open(ia.file, "rb") as fa, open(ib.file, "rb") as fb:
+        for offset in range(0, size, _COMPARE_CHUNK_BYTES):
+            n = min(_COMPARE_CHUNK_BYTES, size - offset)
+            fa.seek(ia.start + offset)
+            fb.seek(ib.start + offset)
+            if fa.read(n) != fb.read(n):
+                return False
+    return True
+
+
+def resolve_aliases(ckpt: SafetensorsCheckpoint, report: MappingReport, *, allow_mismatch: bool = False) -> None:
+    """Checks every alias twin equal to its canonical tensor. A pair that differs is an error, unless
+    `allow_mismatch`: then the alias wins, as in the original loader (AF2_SPEC 4.3)."""
+    source_of = {name: target for target, (name, _) in report.assignments.items()}
+    for alias, twin in report.aliases.items():
+        if twin not in ckpt or tensors_equal(ckpt, alias, twin):
+            continue
+        if not allow_mismatch:
+            raise CheckpointError(f"{ckpt.source}: alias {alias} differs from its twin {twin}; pass "
+                                  "--allow-alias-mismatch to use the alias (the value the original loader keeps)")
+        log.warning("alias %s differs from %s: using the alias, as the original loader does", alias, twin)
+        target = source_of.get(twin)
+        if target is not None:
+            report.assignments[target] = (alias, report.assignments[target][1])
+
+
+def check_constants(ckpt: SafetensorsCheckpoint, report: MappingReport, config: AF2Config) -> None:
+    for name, (kind, indices) in report.constants.items():
+        expected = keymap.expected_constant(config, kind, *indices)
+        found = ckpt.get(name)
+        same = (np.allclose(found, expected, rtol=1e-6, atol=0) if kind == "inv_freq"
+                else np.array_equal(found.astype(expected.dtype), expected))
+        if not same:
+            raise CheckpointError(f"{ckpt.source}: buffer {name} differs from the value this configuration implies; "
+                                  "the checkpoint was made with a different configuration")
+
+
+def fill(variables: list[tuple[str, nnx.Variable]], report: MappingReport,
+         read: Callable[[str], np.ndarray], dtype_of: Callable[[nnx.Variable], np.dtype]) -> None:
+    """Sets every variable from its mapped source tensor(s), stacking per-layer slots."""
+    for path, var in variables:
+        dtype = dtype_of(var)
+        if _is_stacked(path):
+            value = np.empty(tuple(var.shape), dtype=dtype)
+            for i in range(var.shape[0]):
+                name, transform = report.assignments[f"{path}[{i}]"]
+                value[i] = transform.to_jax(read(name)).astype(dtype)
+        else:
+            name, transform = report.assignments[path]
+            value = transform.to_jax(read(name)).astype(dtype)
+        var.set_value(jnp.asarray(value))
+
+
+def load_into(abstract: nnx.Module, source, config: AF2Config, *, root: str = "", scope=("",),
+              what: str = "the checkpoint", allow_alias_mismatch: bool = False) -> nnx.Module:
+    """Materialises `abstract` (from `nnx.eval_shape`) with original weights from `source`."""
+    ckpt = source if isinstance(source, SafetensorsCheckpoint) else SafetensorsCheckpoint(source)
+    graphdef, state = nnx.split(abstract)
+    prefix = root + "." if root else ""
+    variables = [(prefix + ".".join(str(k) for k in path), var) for path, var in nnx.to_flat_state(state)]
+    targets = {}
+    for path, var in variables:
+        if _is_stacked(path):
+            targets.update({f"{path}[{i}]": tuple(var.shape[1:]) for i in range(var.shape[0])})
+        else:
+            targets[path] = tuple(var.shape)
+    report = plan(ckpt, targets, config, scope=scope, what=what)
+    check_constants(ckpt, report, config)
+    resolve_aliases(ckpt, report, allow_mismatch=allow_alias_mismatch)
+    fill(variables, report, ckpt.get, lambda var: np.dtype(var.dtype))
+    return nnx.merge(graphdef, state)
+
+
+def load_htsat(source, config: AF2Config, *, dtype=jnp.float32, param_dtype=jnp.float32):
     """Builds the HTSAT encoder from original weights (`clap.nvclap.*` or `clap.afclap.*`): a released checkpoint
     folder, `.safetensors` file(s) or an open `SafetensorsCheckpoint`. Constant buffers found in the file are
     checked equal to their recomputed values; tensors dead at inference are skipped."""
-    ckpt = source if isinstance(source, SafetensorsCheckpoint) else SafetensorsCheckpoint(source)
-    abstract = _abstract_htsat(config, dtype, param_dtype)
-    graphdef, state = nnx.split(abstract)
-    flat = list(nnx.to_flat_state(state))
-    targets = {HTSAT_ROOT + "." + ".".join(str(k) for k in path): tuple(var.shape) for path, var in flat}
-    report = map_names({n: ckpt.info(n).shape for n in ckpt.keys()}, targets, config)
-    if not report.ok:
-        raise CheckpointError(report.error_message(f"{ckpt.source}: the audio encoder"))
-    for name, (kind, (stage, block)) in report.constants.items():
-        expected = keymap.expected_constant(config, kind, stage, block)
-        if not np.array_equal(ckpt.get(name).astype(expected.dtype), expected):
-            raise CheckpointError(f"{ckpt.source}: buffer {name} differs from the value this configuration implies; "
-                                  "the checkpoint was made with a different window size or grid")
-    for path, var in flat:
-        name, transform = report.assignments[HTSAT_ROOT + "." + ".".join(str(k) for k in path)]
-        var.set_value(jnp.asarray(transform.to_jax(ckpt.get(name)), dtype=var.dtype))
-    return nnx.merge(graphdef, state)
+    from af2_jax.nn.htsat import HTSAT
+
+    abstract = nnx.eval_shape(lambda: HTSAT(config.htsat, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+    return load_into(abstract, source, config, root=HTSAT_ROOT, scope=keymap.CLAP_PREFIXES, what="the audio encoder")
+
+
+def load_original(source, config: AF2Config, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                  allow_alias_mismatch: bool = False):
+    """Builds the whole AF2 model straight from original weights (no conversion step), e.g. for tests."""
+    from af2_jax.nn.af2 import AF2Model
+
+    abstract = nnx.eval_shape(lambda: AF2Model(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+    return load_into(abstract, source, config, what="the AF2 model", allow_alias_mismatch=allow_alias_mismatch)

@@ -1,0 +1,108 @@
+"""The whole Audio Flamingo 2 model: HTSAT -> audio transformer -> (gated cross-attention + Qwen2 decoder layer) x N.
+
+The N layers are one stacked module (parameters with a leading `layers` axis) run by `lax.scan`, so compile time does
+not grow with depth. Layer i = cross-attention block i, then decoder layer i (`cross_attn_every_n_layers` = 1, as in
+every released model). Input and output embeddings are tied.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from af2_jax.config import AF2Config
+from af2_jax.nn.audio_transformer import AudioTransformer
+from af2_jax.nn.htsat import HTSAT, encode_windows
+from af2_jax.nn.layers import named
+from af2_jax.nn.qwen2 import Qwen2DecoderLayer, RMSNorm, rope_cos_sin
+from af2_jax.nn.xattn import GatedCrossAttention
+
+
+class FlamingoLayer(nnx.Module):
+    """One LM layer of AF2: the gated cross-attention block, then the unchanged Qwen2 decoder layer."""
+
+    def __init__(self, config: AF2Config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.xattn = GatedCrossAttention(config.lm.hidden_size, config.audio_transformer.d_model,
+                                         config.cross_attention, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.decoder = Qwen2DecoderLayer(config.lm, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+class Intermediates(NamedTuple):
+    xattn_out: jax.Array  # (layers, B, T, hidden): residual stream after each cross-attention block
+    lm_layer_out: jax.Array  # (layers, B, T, hidden): residual stream after each decoder layer
+
+
+class AF2Model(nnx.Module):
+    def __init__(self, config: AF2Config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        if config.cross_attention.every_n_layers != 1:
+            raise ValueError(f"cross_attn_every_n_layers={config.cross_attention.every_n_layers} is not supported; "
+                             "every released AF2 model uses 1")
+        self.config = config
+        self.dtype = dtype
+        self.audio_encoder = HTSAT(config.htsat, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.audio_transformer = AudioTransformer(config.audio_transformer, dtype=dtype, param_dtype=param_dtype,
+                                                  rngs=rngs)
+        lm = config.lm
+        self.embed_tokens = nnx.Embed(
+            lm.vocab_size, lm.hidden_size, dtype=dtype, param_dtype=param_dtype,
+            embedding_init=named(nnx.initializers.normal(0.02), ("vocab", "embed")), rngs=rngs)
+
+        @nnx.split_rngs(splits=lm.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_layers(rngs):
+            return FlamingoLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+        self.layers = make_layers(rngs)
+        self.norm = RMSNorm(lm.hidden_size, lm.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
+
+    # --- audio --------------------------------------------------------------------------------------------------
+    def encode_windows(self, audio_x, audio_x_mask=None):
+        """`(B, L, 160000)` windows -> HTSAT tokens `(B, L, 64, D)` (padding windows are computed too)."""
+        del audio_x_mask  # every window is encoded; the mask matters from the audio transformer on
+        return encode_windows(self.audio_encoder, audio_x, self.config.audio)
+
+    def transform_audio(self, clap_embeds, audio_x_mask):
+        """HTSAT tokens `(B, L, 64, D)` -> media `(B, L*64, D)` and its mask `(B, L*64)`."""
+        b, windows, tokens, d = clap_embeds.shape
+        media_mask = jnp.repeat(audio_x_mask, tokens, axis=1)
+        media = self.audio_transformer(clap_embeds.reshape(b, windows * tokens, d).astype(self.dtype), media_mask)
+        return media, media_mask
+
+    def encode_audio(self, audio_x, audio_x_mask):
+        return self.transform_audio(self.encode_windows(audio_x, audio_x_mask), audio_x_mask)
+
+    # --- language model -----------------------------------------------------------------------------------------
+    def __call__(self, input_ids, attention_mask=None, media=None, media_mask=None, *, positions=None,
+                 return_intermediates: bool = False):
+        """Logits `(B, T, vocab)` in float32. Positions default to `0..T-1` whatever the padding (as the original's
+        plain forward); `attention_mask` (1 = token) masks padded keys."""
+        b, t = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), jnp.int32)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+        causal = jnp.tril(jnp.ones((t, t), bool))
+        mask = causal[None] & (attention_mask[:, None, :] != 0)
+        cos, sin = rope_cos_sin(positions, self.config.lm.head_dim, self.config.lm.rope_theta)
+        x = self.embed_tokens(input_ids)
+        graphdef, stacked = nnx.split(self.layers)
+
+        def body(x, layer_state):
+            layer = nnx.merge(graphdef, layer_state)
+            k, v = layer.xattn.media_kv(media)
+            after_xattn = layer.xattn(x, k, v, media_mask)
+            after_layer = layer.decoder(after_xattn, cos, sin, mask)
+            return after_layer, (after_xattn, after_layer) if return_intermediates else None
+
+        x, per_layer = jax.lax.scan(body, x, stacked)
+        logits = self.embed_tokens.attend(self.norm(x)).astype(jnp.float32)
+        if return_intermediates:
+            return logits, Intermediates(*per_layer)
+        return logits
+
+    def forward_audio_text(self, audio_x, audio_x_mask, input_ids, attention_mask=None, **kw):
+        media, media_mask = self.encode_audio(audio_x, audio_x_mask)
+        return self(input_ids, attention_mask, media, media_mask, **kw)

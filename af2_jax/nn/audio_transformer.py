@@ -1,0 +1,101 @@
+"""The audio transformer (`audio_transformer_clap`, AF2_SPEC 3.2): post-LN encoder layers over all audio tokens of a
+clip, rotary positions along the global token axis.
+
+Literal to the original: the input is scaled by sqrt(d_model) and then LayerNorm'ed (Q8); attention has no biases;
+rotary (base 4096, "rotate half") covers the first `max(d_head // 2, 32)` channels of each head; keys of masked windows
+are overwritten with -1e9 before the softmax (Q9), so a row with every key masked attends uniformly instead of NaN.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from af2_jax.config import AudioTransformerConfig
+from af2_jax.nn.layers import layer_norm, linear
+
+
+def rotary_inv_freq(dim: int, base: float) -> np.ndarray:
+    """`1 / base**(arange(0, dim, 2) / dim)` in float32, as the original's buffer `position_enc.inv_freq`."""
+    exponent = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+    return (np.float32(1.0) / (np.float32(base) ** exponent)).astype(np.float32)
+
+
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def rotary_cos_sin(positions, dim: int, base: float):
+    """cos/sin tables `(..., len, dim)` in float32 for integer `positions` `(..., len)`."""
+    angles = positions.astype(jnp.float32)[..., None] * rotary_inv_freq(dim, base)
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rotary(x, cos, sin):
+    """Rotates the first `cos.shape[-1]` channels of `x` `(B, S, H, d)` in float32; the rest pass through.
+    `cos`/`sin`: `(B or 1, S, dim)`."""
+    dim = cos.shape[-1]
+    rot = x[..., :dim].astype(jnp.float32)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    rot = (rot * cos + rotate_half(rot) * sin).astype(x.dtype)
+    return rot if dim == x.shape[-1] else jnp.concatenate([rot, x[..., dim:]], axis=-1)
+
+
+class EncoderLayer(nnx.Module):
+    def __init__(self, cfg: AudioTransformerConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d = cfg.d_model
+        proj = functools.partial(linear, d, d, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.w_qs = proj(axes=("audio_embed", "audio_heads"))
+        self.w_ks = proj(axes=("audio_embed", "audio_heads"))
+        self.w_vs = proj(axes=("audio_embed", "audio_heads"))
+        self.fc = proj(axes=("audio_heads", "audio_embed"))
+        norm = functools.partial(layer_norm, d, axis_name="audio_embed", eps=cfg.layer_norm_eps, dtype=dtype,
+                                 param_dtype=param_dtype, rngs=rngs)
+        self.attn_norm = norm()
+        self.w_1 = linear(d, cfg.d_inner, axes=("audio_embed", "audio_mlp"), dtype=dtype, param_dtype=param_dtype,
+                          rngs=rngs)
+        self.w_2 = linear(cfg.d_inner, d, axes=("audio_mlp", "audio_embed"), dtype=dtype, param_dtype=param_dtype,
+                          rngs=rngs)
+        self.ffn_norm = norm()
+
+    def __call__(self, x, key_mask, cos, sin):
+        """x `(B, S, D)`; key_mask `(B, S)` (nonzero = attend); cos/sin `(1, S, rotary_dim)`."""
+        cfg = self.cfg
+        b, s, _ = x.shape
+        heads = lambda t: t.reshape(b, s, cfg.n_heads, cfg.d_head)  # noqa: E731
+        q = apply_rotary(heads(self.w_qs(x)), cos, sin)
+        k = apply_rotary(heads(self.w_ks(x)), cos, sin)
+        v = heads(self.w_vs(x))
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q / jnp.asarray(cfg.d_head ** 0.5, q.dtype), k)
+        logits = jnp.where(key_mask[:, None, None, :] != 0, logits.astype(jnp.float32), cfg.key_mask_fill)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        attn = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, s, cfg.d_model)
+        x = self.attn_norm(self.fc(attn) + x)
+        return self.ffn_norm(self.w_2(jax.nn.relu(self.w_1(x))) + x)
+
+
+class AudioTransformer(nnx.Module):
+    """`(B, S, D)` audio tokens and a `(B, S)` mask -> `(B, S, D)` media for the cross-attention."""
+
+    def __init__(self, cfg: AudioTransformerConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.input_norm = layer_norm(cfg.d_model, axis_name="audio_embed", eps=cfg.layer_norm_eps, dtype=dtype,
+                                     param_dtype=param_dtype, rngs=rngs)
+        self.layers = nnx.List([EncoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                                for _ in range(cfg.n_layers)])
+
+    def __call__(self, tokens, mask):
+        cfg = self.cfg
+        x = self.input_norm(tokens * jnp.asarray(cfg.d_model ** 0.5, tokens.dtype))
+        cos, sin = rotary_cos_sin(jnp.arange(x.shape[1])[None], cfg.rotary_dim, cfg.rotary_base)
+        for layer in self.layers:
+            x = layer(x, mask, cos, sin)
+        return x

@@ -1,0 +1,96 @@
+"""Qwen2 / Qwen2.5 decoder layer (AF2_SPEC 3.5): RMSNorm with float32 statistics, grouped-query attention with
+biases on q/k/v only, RoPE on the full head ("rotate half"), SwiGLU MLP."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from af2_jax.config import LMConfig
+from af2_jax.nn.audio_transformer import rotate_half
+from af2_jax.nn.layers import linear, named
+
+
+class RMSNorm(nnx.Module):
+    """`weight * (x * rsqrt(mean(x^2) + eps))`, statistics in float32 and cast back before the weight (as HF)."""
+
+    def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.eps = eps
+        self.weight = nnx.Param(named(nnx.initializers.ones_init(), ("embed",))(rngs.params(), (dim,), param_dtype))
+
+    def __call__(self, x):
+        h = x.astype(jnp.float32)
+        h = h * jax.lax.rsqrt(jnp.mean(jnp.square(h), axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(x.dtype) * h.astype(x.dtype)
+
+
+def rope_cos_sin(positions, head_dim: int, theta: float):
+    """cos/sin `(B, T, head_dim)` in float32 for integer positions `(B, T)`, as transformers' Qwen2 rotary."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x, cos, sin):
+    """x `(B, T, H, d)`; cos/sin `(B, T, d)`; computed in x's dtype like transformers."""
+    cos = cos[:, :, None, :].astype(x.dtype)
+    sin = sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+class Qwen2Attention(nnx.Module):
+    def __init__(self, cfg: LMConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.cfg = cfg
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.q_proj = linear(d, cfg.num_heads * hd, axes=("embed", "q_heads"), **kw)
+        self.k_proj = linear(d, cfg.num_kv_heads * hd, axes=("embed", "kv_heads"), **kw)
+        self.v_proj = linear(d, cfg.num_kv_heads * hd, axes=("embed", "kv_heads"), **kw)
+        self.o_proj = linear(cfg.num_heads * hd, d, axes=("q_heads", "embed"), use_bias=False, **kw)
+
+    def project_kv(self, x, cos, sin):
+        b, t, _ = x.shape
+        k = self.k_proj(x).reshape(b, t, self.cfg.num_kv_heads, self.cfg.head_dim)
+        v = self.v_proj(x).reshape(b, t, self.cfg.num_kv_heads, self.cfg.head_dim)
+        return apply_rope(k, cos, sin), v
+
+    def __call__(self, x, cos, sin, mask, kv=None):
+        """x `(B, T, D)`; mask `(B, T, S)` boolean (True = may attend); kv: keys/values `(B, S, KV, d)` to attend to
+        (default: this call's own, S = T)."""
+        cfg = self.cfg
+        b, t, _ = x.shape
+        q = apply_rope(self.q_proj(x).reshape(b, t, cfg.num_heads, cfg.head_dim), cos, sin)
+        k, v = self.project_kv(x, cos, sin) if kv is None else kv
+        groups = cfg.num_heads // cfg.num_kv_heads
+        q = q.reshape(b, t, cfg.num_kv_heads, groups, cfg.head_dim)
+        logits = jnp.einsum("bqkgd,bskd->bkgqs", q, k) * jnp.asarray(cfg.head_dim ** -0.5, q.dtype)
+        logits = jnp.where(mask[:, None, None], logits.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(b, t, cfg.num_heads * cfg.head_dim)
+        return self.o_proj(out)
+
+
+class Qwen2MLP(nnx.Module):
+    def __init__(self, cfg: LMConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = linear(cfg.hidden_size, cfg.intermediate_size, axes=("embed", "mlp"), **kw)
+        self.up_proj = linear(cfg.hidden_size, cfg.intermediate_size, axes=("embed", "mlp"), **kw)
+        self.down_proj = linear(cfg.intermediate_size, cfg.hidden_size, axes=("mlp", "embed"), **kw)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Qwen2DecoderLayer(nnx.Module):
+    def __init__(self, cfg: LMConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
+        self.self_attn = Qwen2Attention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype,
+                                                rngs=rngs)
+        self.mlp = Qwen2MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, cos, sin, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
