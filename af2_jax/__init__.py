@@ -1,7 +1,8 @@
 """af2-jax: Audio Flamingo 2 in JAX/Flax NNX."""
 
 from af2_jax import audio, config
+from af2_jax.checkpoint.store import load
 from af2_jax.config import AF2Config, preset
 
 __version__ = "0.1.0"
-__all__ = ["AF2Config", "audio", "config", "preset"]
+__all__ = ["AF2Config", "audio", "config", "load", "preset"]

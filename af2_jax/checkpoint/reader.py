@@ -135,3 +135,27 @@ def _resolve_files(source: Path) -> list[Path]:
     if not files:
         raise CheckpointError(f"{source}: no safe_ckpt/metadata.json and no .safetensors files in it")
     return files
+
+
+_CODES = {np.dtype(v): k for k, v in _DTYPES.items()}
+
+
+def write_safetensors(path: Path, entries) -> None:
+    """Writes a safetensors file tensor by tensor. `entries`: (name, shape, dtype, produce) where `produce()`
+    returns the array; the header is written first from the shapes, so only one tensor is in memory at a time."""
+    header, offset = {}, 0
+    for name, shape, dtype, _ in entries:
+        dtype = np.dtype(dtype)
+        size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        header[name] = {"dtype": _CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the format aligns tensor data to 8 bytes
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for name, shape, dtype, produce in entries:
+            array = np.ascontiguousarray(produce(), dtype=np.dtype(dtype))
+            if array.shape != tuple(shape):
+                raise CheckpointError(f"internal error: {name} produced {array.shape}, expected {tuple(shape)}")
+            f.write(array.tobytes())

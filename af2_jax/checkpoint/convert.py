@@ -1,0 +1,236 @@
+"""Released PyTorch weights -> af2-jax checkpoint, and back.
+
+Import streams tensor by tensor: each source tensor is read by offset, transformed, cast and copied into its slot of
+the output tree, so memory peaks at about the output plus one tensor. Alias twins are compared in chunks. Export
+rebuilds the complete original state_dict: parameters (float32), recomputed constant buffers, the dead tensors kept
+aside at import, and every alias name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from af2_jax.checkpoint import keymap, store
+from af2_jax.checkpoint.load import check_constants, plan, resolve_aliases
+from af2_jax.checkpoint.reader import CheckpointError, SafetensorsCheckpoint, write_safetensors
+from af2_jax.config import PRESETS, AF2Config, preset
+
+log = logging.getLogger(__name__)
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+DEFAULT_CHUNK_BYTES = 5 << 30
+
+
+def open_source(src) -> SafetensorsCheckpoint:
+    """A local release folder / safetensors file(s), or a hub id downloaded through huggingface_hub."""
+    path = Path(src)
+    if not path.exists() and _HUB_ID.fullmatch(str(src)):
+        return SafetensorsCheckpoint(download_release(str(src)))
+    return SafetensorsCheckpoint(path)
+
+
+def download_release(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(repo_id=repo_id, allow_patterns=["safe_ckpt/*"])
+    except Exception as err:  # offline, unknown repo, auth: all end the same way for the user
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(f"could not download {repo_id} from the Hugging Face hub ({reason}); download "
+                              "its safe_ckpt/ folder elsewhere and pass the local folder as SRC") from None
+    return Path(folder)
+
+
+def infer_config(ckpt: SafetensorsCheckpoint) -> AF2Config:
+    """The preset whose LM matches the checkpoint's embedding width and layer count."""
+    names = ckpt.keys()
+    embed = next((n for n in ("lang_encoder.model.embed_tokens.weight", "lang_encoder.lm_head.weight")
+                  if n in ckpt), None)
+    if embed is None:
+        raise CheckpointError(f"{ckpt.source}: no lang_encoder.model.embed_tokens.weight; not an AF2 checkpoint?")
+    hidden = ckpt.info(embed).shape[1]
+    layers = {int(m[1]) for n in names if (m := re.match(r"lang_encoder\.model\.layers\.(\d+)\.", n))}
+    for name, cfg in PRESETS.items():
+        if cfg.lm.hidden_size == hidden and cfg.lm.num_layers == len(layers):
+            log.info("model: %s (from the checkpoint's shapes)", name)
+            return cfg
+    raise CheckpointError(f"{ckpt.source}: an LM of width {hidden} with {len(layers)} layers matches no preset "
+                          f"({', '.join(sorted(PRESETS))}); pass --model CONFIG.json")
+
+
+def resolve_config(model, ckpt: SafetensorsCheckpoint) -> AF2Config:
+    if model is None:
+        return infer_config(ckpt)
+    if isinstance(model, AF2Config):
+        return model
+    if model in PRESETS:
+        return preset(model)
+    if Path(model).is_file():
+        return AF2Config.from_file(model)
+    raise CheckpointError(f"--model {model!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a config file")
+
+
+def _abstract_model(config: AF2Config):
+    from af2_jax.nn.af2 import AF2Model
+
+    return nnx.eval_shape(lambda: AF2Model(config, rngs=nnx.Rngs(0)))
+
+
+def _targets(variables) -> dict[str, tuple[int, ...]]:
+    targets = {}
+    for path, var in variables:
+        if path.split(".", 1)[0] == "layers":
+            targets.update({f"{path}[{i}]": tuple(var.shape[1:]) for i in range(var.shape[0])})
+        else:
+            targets[path] = tuple(var.shape)
+    return targets
+
+
+@dataclasses.dataclass
+class Inspection:
+    config: AF2Config
+    report: object
+    parameters: int
+    out_bytes: int
+
+    def summary(self, dtype) -> str:
+        r = self.report
+        return (f"{len(r.assignments)} tensors map onto {self.parameters:,} parameters ({self.out_bytes / 2**30:.2f} "
+                f"GiB as {np.dtype(dtype).name}); {len(r.aliases)} alias names, {len(r.constants)} recomputed "
+                f"buffers, {len(r.dead)} tensors unused at inference kept aside")
+
+
+def inspect(src, model=None, dtype="bfloat16") -> Inspection:
+    """Checks names, shapes and dtypes from the safetensors headers alone (the `--dry-run`); reads no tensor data."""
+    ckpt = open_source(src)
+    config = resolve_config(model, ckpt)
+    variables = store.model_variables(_abstract_model(config))
+    report = plan(ckpt, _targets(variables), config, what="the AF2 model")
+    params = sum(int(np.prod(v.shape)) for _, v in variables)
+    out_bytes = sum(int(np.prod(v.shape)) * store.storage_dtype(v, dtype).itemsize for _, v in variables)
+    return Inspection(config, report, params, out_bytes)
+
+
+def convert(src, dst, model=None, dtype="bfloat16", *, overwrite=False, allow_alias_mismatch=False) -> Path:
+    """Converts original weights at `src` into an af2-jax checkpoint at `dst`. Returns `dst`."""
+    ckpt = open_source(src)
+    config = resolve_config(model, ckpt)
+    variables = store.model_variables(_abstract_model(config))
+    report = plan(ckpt, _targets(variables), config, what="the AF2 model")
+    atomic = store.AtomicFolder(dst, overwrite)  # refuse an existing DST before any heavy work
+    check_constants(ckpt, report, config)
+    resolve_aliases(ckpt, report, allow_mismatch=allow_alias_mismatch)
+    params = {}
+    for path, var in variables:
+        out_dtype = store.storage_dtype(var, dtype)
+        if path.split(".", 1)[0] == "layers":
+            value = np.empty(tuple(var.shape), out_dtype)
+            for i in range(var.shape[0]):
+                name, transform = report.assignments[f"{path}[{i}]"]
+                value[i] = transform.to_jax(ckpt.get(name)).astype(out_dtype)
+        else:
+            name, transform = report.assignments[path]
+            value = transform.to_jax(ckpt.get(name)).astype(out_dtype)
+        params[path] = value
+    unused = {name: ckpt.get(name) for name in report.dead}
+    clap_prefix = next((p for p in keymap.CLAP_PREFIXES if any(n.startswith(p) for n in ckpt.keys())),
+                       keymap.CANONICAL_CLAP_PREFIX)
+    with atomic as tmp:
+        store.save_tree(tmp / "params", store.nest(params))
+        del params
+        store.save_tree(tmp / "unused", store.nest(unused))
+        store.write_config(tmp, config, {"dtype": np.dtype(dtype).name, "clap_prefix": clap_prefix,
+                                         "source": str(ckpt.source), "unused": sorted(unused)})
+    log.info("wrote %s", dst)
+    return Path(dst)
+
+
+def export(src, dst, *, overwrite=False, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Path:
+    """Writes an af2-jax checkpoint back in the released layout (`dst/safe_ckpt/metadata.json` + chunks) under the
+    original names, float32, with aliases, constant buffers and the kept-aside tensors restored."""
+    folder = Path(src)
+    config, meta = store.read_config(folder)
+    variables = store.model_variables(_abstract_model(config))
+    stored = store.stored_shapes(folder / "params")
+    params = store.flatten(store.restore_tree(folder / "params", store.nest(
+        {p: jax.ShapeDtypeStruct(*stored[p]) for p, _ in variables})))
+    unused_names = meta.get("unused", [])
+    unused_shapes = store.stored_shapes(folder / "unused") if unused_names else {}
+    unused = store.flatten(store.restore_tree(folder / "unused", store.nest(
+        {n: jax.ShapeDtypeStruct(*unused_shapes[n]) for n in unused_names}))) if unused_names else {}
+    prefix = meta.get("clap_prefix", keymap.CANONICAL_CLAP_PREFIX)
+
+    def original(name: str) -> str:
+        return prefix + name[len(keymap.CANONICAL_CLAP_PREFIX):] if name.startswith(keymap.CANONICAL_CLAP_PREFIX) \
+            else name
+
+    entries = []  # (name, shape, dtype, produce)
+    for path, var in variables:
+        stacked = path.split(".", 1)[0] == "layers"
+        for i in (range(var.shape[0]) if stacked else [None]):
+            slot = f"{path}[{i}]" if stacked else path
+            name, transform = keymap.to_source(slot)
+            shape = _torch_shape(transform, tuple(var.shape[1:] if stacked else var.shape))
+
+            def produce(path=path, i=i, transform=transform):
+                value = params[path] if i is None else params[path][i]
+                return transform.to_torch(np.asarray(value, np.float32))
+
+            for out_name in [original(name)] + keymap.aliases_of(name):
+                entries.append((out_name, shape, np.float32, produce))
+    for name, kind, indices in _constant_buffers(config):
+        value = keymap.expected_constant(config, kind, *indices)
+        entries.append((original(name), value.shape, value.dtype, lambda value=value: value))
+    for name in unused_names:
+        shape, dtype = unused_shapes[name]
+        entries.append((original(name), shape, dtype, lambda name=name: unused[name]))
+
+    atomic = store.AtomicFolder(dst, overwrite)
+    with atomic as tmp:
+        safe = tmp / "safe_ckpt"
+        safe.mkdir()
+        chunks, current, size = {}, [], 0
+        for entry in entries:
+            nbytes = int(np.prod(entry[1], dtype=np.int64)) * np.dtype(entry[2]).itemsize
+            if current and size + nbytes > chunk_bytes:
+                chunks[f"model_chunk_{len(chunks)}"] = current
+                current, size = [], 0
+            current.append(entry)
+            size += nbytes
+        chunks[f"model_chunk_{len(chunks)}"] = current
+        for chunk, chunk_entries in chunks.items():
+            write_safetensors(safe / f"{chunk}.safetensors", chunk_entries)
+        (safe / "metadata.json").write_text(json.dumps({c: [e[0] for e in es] for c, es in chunks.items()}))
+    log.info("exported %s -> %s (%d tensors in %d chunk(s))", src, dst, len(entries), len(chunks))
+    return Path(dst)
+
+
+def _torch_shape(transform: keymap.Transform, jax_shape: tuple[int, ...]) -> tuple[int, ...]:
+    if transform is keymap.CONV2D:
+        kh, kw, i, o = jax_shape
+        return (o, i, kh, kw)
+    if transform is keymap.LINEAR:
+        return jax_shape[::-1]
+    return jax_shape
+
+
+def _constant_buffers(config: AF2Config):
+    """(original name, kind, indices) of every constant buffer the original's state_dict holds."""
+    h = config.htsat
+    out = []
+    for stage, depth in enumerate(h.depths):
+        for block in range(depth):
+            base = f"{keymap.CANONICAL_CLAP_PREFIX}layers.{stage}.blocks.{block}."
+            out.append((base + "attn.relative_position_index", "relative_position_index", (stage, block)))
+            if keymap.expected_constant(config, "attn_mask", stage, block) is not None:
+                out.append((base + "attn_mask", "attn_mask", (stage, block)))
+    out.append(("audio_transformer_clap.position_enc.inv_freq", "inv_freq", ()))
+    return out

@@ -1,0 +1,171 @@
+"""af2-jax checkpoints on disk: an Orbax tree of the model's parameters, an Orbax tree of the tensors that are dead at
+inference (kept as-is, so an export loses nothing), and `config.json`.
+
+    DST/config.json   {"af2_jax": {format, dtype, clap_prefix, source}, ...AF2Config.to_dict()}
+    DST/params/       Orbax (StandardCheckpointer): nested dict by NNX path, stacked LM layers on a leading axis
+    DST/unused/       Orbax: nested dict by original name (split on "."), original dtypes
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from af2_jax.checkpoint.reader import CheckpointError
+from af2_jax.config import AF2Config
+
+log = logging.getLogger(__name__)
+
+FORMAT = "af2-jax/1"
+META_KEY = "af2_jax"
+
+
+def nest(flat: dict[str, Any]) -> dict:
+    """{"a.b.c": x} -> {"a": {"b": {"c": x}}}."""
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        *parents, leaf = path.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            out.update(flatten(value, path))
+        else:
+            out[path] = value
+    return out
+
+
+def write_config(folder: Path, config: AF2Config, meta: dict) -> None:
+    data = {META_KEY: {"format": FORMAT, **meta}, **config.to_dict()}
+    (folder / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def read_config(folder: Path) -> tuple[AF2Config, dict]:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: no config.json; pass a folder written by `python -m af2_jax.convert`")
+    data = json.loads(path.read_text())
+    meta = data.pop(META_KEY, None)
+    if meta is None:
+        raise CheckpointError(f"{path}: not an af2-jax checkpoint config (no '{META_KEY}' section); convert the "
+                              "original weights with `python -m af2_jax.convert`")
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: checkpoint format {meta.get('format')!r}, this version reads {FORMAT!r}")
+    return AF2Config.from_dict(data), meta
+
+
+def save_tree(path: Path, tree: dict) -> None:
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(path.absolute(), tree)
+
+
+def restore_tree(path: Path, abstract: dict) -> dict:
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as checkpointer:
+        return checkpointer.restore(path.absolute(), abstract)
+
+
+def stored_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Flat path -> (shape, dtype) of an Orbax tree, from its metadata alone."""
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as checkpointer:
+        meta = checkpointer.metadata(path.absolute())
+    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
+    return {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in flatten(tree).items()}
+
+
+class AtomicFolder:
+    """Writes a folder under a temporary name next to `dst` and renames it into place only when complete.
+    An existing `dst` is refused unless `overwrite`; then it is replaced only after the new one is whole."""
+
+    def __init__(self, dst, overwrite: bool):
+        self.dst = Path(dst)
+        if self.dst.exists() and not overwrite:
+            raise CheckpointError(f"{self.dst}: already exists; pass --overwrite to replace it, or choose another DST")
+        self.dst.parent.mkdir(parents=True, exist_ok=True)
+
+    def __enter__(self) -> Path:
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dst.name}.partial-", dir=self.dst.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any other folder
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        if self.dst.exists():
+            old = self.dst.parent / f".{self.dst.name}.old-{os.getpid()}"
+            os.rename(self.dst, old)
+            os.rename(self.tmp, self.dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(self.tmp, self.dst)
+        return False
+
+
+def model_variables(model: nnx.Module) -> list[tuple[str, nnx.Variable]]:
+    _, state = nnx.split(model)
+    return [(".".join(str(k) for k in path), var) for path, var in nnx.to_flat_state(state)]
+
+
+def storage_dtype(var: nnx.Variable, dtype) -> np.dtype:
+    """Parameters are stored in the requested dtype; BatchNorm running statistics always in float32 (bfloat16
+    would move the mel normalisation by tenths of a dB)."""
+    return np.dtype(np.float32) if isinstance(var, nnx.BatchStat) else np.dtype(dtype)
+
+
+def load(path, dtype="bfloat16", mesh=None):
+    """Loads a checkpoint written by `python -m af2_jax.convert` as an `AF2Model` whose weights and activations
+    are in `dtype` ("float32" or "bfloat16")."""
+    from af2_jax.nn.af2 import AF2Model
+
+    if mesh is not None:
+        raise NotImplementedError("sharded loading arrives with af2_jax.sharding")
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such checkpoint folder; convert the release with "
+                              "`python -m af2_jax.convert SRC DST` and pass DST")
+    config, _ = read_config(folder)
+    dtype = jnp.dtype(dtype)
+    abstract = nnx.eval_shape(lambda: AF2Model(config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    variables = [(".".join(str(k) for k in p), v) for p, v in nnx.to_flat_state(state)]
+    stored = stored_shapes(folder / "params")
+    expected = {p: tuple(v.shape) for p, v in variables}
+    missing = sorted(set(expected) - set(stored))
+    extra = sorted(set(stored) - set(expected))
+    wrong = sorted(p for p in set(expected) & set(stored) if stored[p][0] != expected[p])
+    if missing or extra or wrong:
+        raise CheckpointError(f"{folder}: parameters do not match config.json (missing {missing[:5]}, unexpected "
+                              f"{extra[:5]}, wrong shape {wrong[:5]}); re-convert the checkpoint")
+    target = nest({p: jax.ShapeDtypeStruct(v.shape, storage_dtype(v, dtype)) for p, v in variables})
+    restored = flatten(restore_tree(folder / "params", target))
+    for p, var in variables:
+        var.set_value(jnp.asarray(restored[p]))
+    model = nnx.merge(graphdef, state)
+    log.info("loaded %s (%s)", folder, dtype.name)
+    return model

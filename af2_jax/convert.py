@@ -1,0 +1,76 @@
+"""`python -m af2_jax.convert SRC DST`: released AF2 weights (PyTorch safetensors) -> af2-jax checkpoint, and back.
+
+SRC is a released repository folder (`safe_ckpt/metadata.json` + chunks), a `.safetensors` file or folder of them,
+or a hub id such as `nvidia/audio-flamingo-2` (downloaded through huggingface_hub when online). DST receives an
+Orbax checkpoint and `config.json`, loadable with `af2_jax.load(DST, dtype=...)`.
+
+With --export, SRC is an af2-jax checkpoint and DST receives the released layout under the original names, which
+the original PyTorch loader accepts.
+
+Exit codes: 0 done, 1 the input cannot be used (one-line error), 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from af2_jax.checkpoint.convert import convert, export, inspect
+from af2_jax.checkpoint.reader import CheckpointError
+from af2_jax.config import PRESETS
+
+__all__ = ["convert", "export", "inspect", "main"]
+log = logging.getLogger("af2_jax.convert")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m af2_jax.convert", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", metavar="SRC", help="released folder, .safetensors file(s), hub id, or (--export) an "
+                                              "af2-jax checkpoint")
+    p.add_argument("dst", metavar="DST", nargs="?", help="output folder (not needed with --dry-run)")
+    p.add_argument("--model", help=f"preset ({', '.join(sorted(PRESETS))}) or config.json; default: the preset "
+                                   "matching the checkpoint's shapes")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                   help="storage dtype of the parameters (default bfloat16)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check names, shapes and dtypes from the safetensors headers only; write nothing")
+    p.add_argument("--export", action="store_true", help="af2-jax checkpoint -> released PyTorch layout")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--allow-alias-mismatch", action="store_true",
+                   help="if an alias key differs from its twin, use the alias (what the original loader keeps)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def main(argv=None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    if not args.dry_run and not args.dst:
+        parser.error("DST is required (or pass --dry-run)")
+    start = time.perf_counter()
+    try:
+        if args.export:
+            export(args.src, args.dst, overwrite=args.overwrite)
+        elif args.dry_run:
+            result = inspect(args.src, args.model, args.dtype)
+            print(f"dry run OK: {result.summary(args.dtype)}")
+        else:
+            convert(args.src, args.dst, args.model, args.dtype, overwrite=args.overwrite,
+                    allow_alias_mismatch=args.allow_alias_mismatch)
+    except (CheckpointError, ValueError, OSError) as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    log.info("done in %.1f s", time.perf_counter() - start)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
