@@ -148,7 +148,9 @@ def convert(src, dst, model=None, dtype="bfloat16", *, overwrite=False, allow_al
         del params
         store.save_tree(tmp / "unused", store.nest(unused))
         store.write_config(tmp, config, {"dtype": np.dtype(dtype).name, "clap_prefix": clap_prefix,
-                                         "source": str(ckpt.source), "unused": sorted(unused)})
+                                         "source": str(ckpt.source),
+                                         # Original shapes: Orbax does not keep 0-d shapes (BatchNorm counters).
+                                         "unused": {n: list(v.shape) for n, v in sorted(unused.items())}})
     log.info("wrote %s", dst)
     return Path(dst)
 
@@ -162,10 +164,11 @@ def export(src, dst, *, overwrite=False, chunk_bytes: int = DEFAULT_CHUNK_BYTES)
     stored = store.stored_shapes(folder / "params")
     params = store.flatten(store.restore_tree(folder / "params", store.nest(
         {p: jax.ShapeDtypeStruct(*stored[p]) for p, _ in variables})))
-    unused_names = meta.get("unused", [])
-    unused_shapes = store.stored_shapes(folder / "unused") if unused_names else {}
+    unused_names = list(meta.get("unused", {}))
+    stored_unused = store.stored_shapes(folder / "unused") if unused_names else {}
     unused = store.flatten(store.restore_tree(folder / "unused", store.nest(
-        {n: jax.ShapeDtypeStruct(*unused_shapes[n]) for n in unused_names}))) if unused_names else {}
+        {n: jax.ShapeDtypeStruct(*stored_unused[n]) for n in unused_names}))) if unused_names else {}
+    unused_shapes = {n: (tuple(meta["unused"][n]), stored_unused[n][1]) for n in unused_names}
     prefix = meta.get("clap_prefix", keymap.CANONICAL_CLAP_PREFIX)
 
     def original(name: str) -> str:
@@ -191,7 +194,7 @@ def export(src, dst, *, overwrite=False, chunk_bytes: int = DEFAULT_CHUNK_BYTES)
         entries.append((original(name), value.shape, value.dtype, lambda value=value: value))
     for name in unused_names:
         shape, dtype = unused_shapes[name]
-        entries.append((original(name), shape, dtype, lambda name=name: unused[name]))
+        entries.append((original(name), shape, dtype, lambda name=name, shape=shape: unused[name].reshape(shape)))
 
     atomic = store.AtomicFolder(dst, overwrite)
     with atomic as tmp:

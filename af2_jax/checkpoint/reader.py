@@ -155,7 +155,7 @@ def write_safetensors(path: Path, entries) -> None:
         f.write(struct.pack("<Q", len(encoded)))
         f.write(encoded)
         for name, shape, dtype, produce in entries:
-            array = np.ascontiguousarray(produce(), dtype=np.dtype(dtype))
+            array = np.asarray(produce(), dtype=np.dtype(dtype))  # ascontiguousarray would make 0-d arrays 1-d
             if array.shape != tuple(shape):
                 raise CheckpointError(f"internal error: {name} produced {array.shape}, expected {tuple(shape)}")
-            f.write(array.tobytes())
+            f.write(array.tobytes(order="C"))
