@@ -20,7 +20,22 @@ def full_state_dict(shape_map: dict) -> dict[str, tuple[tuple[int, ...], str]]:
     return tensors
 
 
-def write_sparse_safetensors(path: Path, tensors: dict[str, tuple[tuple[int, ...], str]]) -> None:
+def constant_buffers(tensors: dict[str, tuple[tuple[int, ...], str]], config) -> dict[str, np.ndarray]:
+    """Real values for the constant buffers (relative_position_index, attn_mask, inv_freq), which a converter checks."""
+    from af2_jax.checkpoint import keymap
+
+    values = {}
+    for name in tensors:
+        kind = keymap.constant_kind(name)
+        if kind is not None:
+            values[name] = keymap.expected_constant(config, kind[0], *kind[1])
+    return values
+
+
+def write_sparse_safetensors(path: Path, tensors: dict[str, tuple[tuple[int, ...], str]],
+                             data: dict[str, np.ndarray] | None = None) -> None:
+    """Headers for `tensors`; data only for the names in `data`, a hole everywhere else."""
+    data = data or {}
     header, offset = {}, 0
     for name, (shape, dtype) in tensors.items():
         code, size = _CODES[dtype]
@@ -33,9 +48,14 @@ def write_sparse_safetensors(path: Path, tensors: dict[str, tuple[tuple[int, ...
         f.write(struct.pack("<Q", len(encoded)))
         f.write(encoded)
         f.truncate(8 + len(encoded) + offset)  # the data is a hole: no disk blocks
+        for name, value in data.items():
+            if name in header:
+                f.seek(8 + len(encoded) + header[name]["data_offsets"][0])
+                f.write(np.asarray(value).tobytes())
 
 
-def write_sparse_release(folder: Path, tensors: dict[str, tuple[tuple[int, ...], str]], chunks: int = 2) -> Path:
+def write_sparse_release(folder: Path, tensors: dict[str, tuple[tuple[int, ...], str]], chunks: int = 2,
+                         data: dict[str, np.ndarray] | None = None) -> Path:
     """`folder/safe_ckpt/metadata.json` + `chunks` sparse chunk files, names split in order."""
     safe = folder / "safe_ckpt"
     safe.mkdir(parents=True)
@@ -45,6 +65,6 @@ def write_sparse_release(folder: Path, tensors: dict[str, tuple[tuple[int, ...],
     for c in range(chunks):
         part = names[c * per_chunk:(c + 1) * per_chunk]
         metadata[f"model_chunk_{c}"] = part
-        write_sparse_safetensors(safe / f"model_chunk_{c}.safetensors", {n: tensors[n] for n in part})
+        write_sparse_safetensors(safe / f"model_chunk_{c}.safetensors", {n: tensors[n] for n in part}, data)
     (safe / "metadata.json").write_text(json.dumps(metadata))
     return folder

@@ -139,7 +139,9 @@ def convert(src, dst, model=None, dtype="bfloat16", *, overwrite=False, allow_al
         else:
             name, transform = report.assignments[path]
             value = transform.to_jax(ckpt.get(name)).astype(out_dtype)
-        params[path] = value
+        # Hand Orbax device arrays: given numpy, it copies the whole tree to the device before writing.
+        params[path] = jax.device_put(value)
+        del value
     unused = {name: ckpt.get(name) for name in report.dead}
     clap_prefix = next((p for p in keymap.CLAP_PREFIXES if any(n.startswith(p) for n in ckpt.keys())),
                        keymap.CANONICAL_CLAP_PREFIX)
