@@ -3,6 +3,7 @@
 from af2_jax import audio, config
 from af2_jax.checkpoint.store import load
 from af2_jax.config import AF2Config, preset
+from af2_jax.tokenizer import load_tokenizer
 
 __version__ = "0.1.0"
-__all__ = ["AF2Config", "audio", "config", "load", "preset"]
+__all__ = ["AF2Config", "audio", "config", "load", "load_tokenizer", "preset"]

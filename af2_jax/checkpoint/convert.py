@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 DEFAULT_CHUNK_BYTES = 5 << 30
+RELEASED_VOCAB = 151669
 
 
 def open_source(src) -> SafetensorsCheckpoint:
@@ -149,6 +150,11 @@ def convert(src, dst, model=None, dtype="bfloat16", *, overwrite=False, allow_al
         store.save_tree(tmp / "params", store.nest(params))
         del params
         store.save_tree(tmp / "unused", store.nest(unused))
+        if config.lm.vocab_size == RELEASED_VOCAB:
+            # The release ships no tokenizer; AF2's is Qwen2.5's plus four tokens, rebuilt offline here.
+            from af2_jax.tokenizer import load_tokenizer
+
+            load_tokenizer(tokens=config.tokens).save(tmp / "tokenizer")
         store.write_config(tmp, config, {"dtype": np.dtype(dtype).name, "clap_prefix": clap_prefix,
                                          "source": str(ckpt.source),
                                          # Original shapes: Orbax does not keep 0-d shapes (BatchNorm counters).

@@ -167,5 +167,13 @@ def load(path, dtype="bfloat16", mesh=None):
     for p, var in variables:
         var.set_value(jnp.asarray(restored[p]))
     model = nnx.merge(graphdef, state)
+    tokenizer_json = folder / "tokenizer" / "tokenizer.json"
+    if tokenizer_json.is_file():
+        from tokenizers import Tokenizer
+
+        size = Tokenizer.from_file(str(tokenizer_json)).get_vocab_size(with_added_tokens=True)
+        if size != config.lm.vocab_size:
+            raise CheckpointError(f"{tokenizer_json}: {size} tokens but the model has {config.lm.vocab_size} "
+                                  "embedding rows; re-convert the checkpoint")
     log.info("loaded %s (%s)", folder, dtype.name)
     return model

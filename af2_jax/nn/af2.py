@@ -103,6 +103,36 @@ class AF2Model(nnx.Module):
             return logits, Intermediates(*per_layer)
         return logits
 
+    def media_kv(self, media):
+        """Every layer's cross-attention keys and values, computed once per request: `(layers, B, S, heads, d)`."""
+        graphdef, stacked = nnx.split(self.layers)
+        return jax.vmap(lambda state: nnx.merge(graphdef, state).xattn.media_kv(media))(stacked)
+
+    def init_cache(self, batch: int, length: int):
+        lm = self.config.lm
+        shape = (lm.num_layers, batch, length, lm.num_kv_heads, lm.head_dim)
+        return jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)
+
+    def cached_step(self, input_ids, positions, mask, media_k, media_v, media_mask, cache, index):
+        """The LM on `input_ids` `(B, T)` written into the KV cache at slot `index`, attending over the whole cache
+        (`mask` `(B, T, S_max)`), with precomputed cross-attention K/V. Returns final hidden states `(B, T, hidden)`
+        (before the output projection) and the updated cache."""
+        cos, sin = rope_cos_sin(positions, self.config.lm.head_dim, self.config.lm.rope_theta)
+        graphdef, stacked = nnx.split(self.layers)
+
+        def body(x, per_layer):
+            layer_state, k, v, cache_k, cache_v = per_layer
+            layer = nnx.merge(graphdef, layer_state)
+            x = layer.xattn(x, k, v, media_mask)
+            x, cache_k, cache_v = layer.decoder.cached(x, cos, sin, mask, cache_k, cache_v, index)
+            return x, (cache_k, cache_v)
+
+        x, cache = jax.lax.scan(body, self.embed_tokens(input_ids), (stacked, media_k, media_v, *cache))
+        return self.norm(x), cache
+
+    def logits(self, hidden):
+        return self.embed_tokens.attend(hidden).astype(jnp.float32)
+
     def forward_audio_text(self, audio_x, audio_x_mask, input_ids, attention_mask=None, **kw):
         media, media_mask = self.encode_audio(audio_x, audio_x_mask)
         return self(input_ids, attention_mask, media, media_mask, **kw)

@@ -72,6 +72,15 @@ class Qwen2Attention(nnx.Module):
         return self.o_proj(out)
 
 
+    def cached(self, x, cos, sin, mask, cache_k, cache_v, index):
+        """Writes this call's keys/values into the cache at slot `index` and attends over the whole cache.
+        cache `(B, S_max, KV, d)`; mask `(B, T, S_max)`. Returns (output, cache_k, cache_v)."""
+        k, v = self.project_kv(x, cos, sin)
+        cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0))
+        cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
+        return self(x, cos, sin, mask, kv=(cache_k, cache_v)), cache_k, cache_v
+
+
 class Qwen2MLP(nnx.Module):
     def __init__(self, cfg: LMConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -94,3 +103,9 @@ class Qwen2DecoderLayer(nnx.Module):
     def __call__(self, x, cos, sin, mask):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def cached(self, x, cos, sin, mask, cache_k, cache_v, index):
+        attn, cache_k, cache_v = self.self_attn.cached(self.input_layernorm(x), cos, sin, mask, cache_k, cache_v,
+                                                       index)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), cache_k, cache_v

@@ -1,0 +1,180 @@
+"""Generation: audio encoded once, cross-attention K/V computed once, prefill, then a decode loop inside one
+`lax.while_loop`, all under one `jax.jit`.
+
+Shapes are bucketed on the host so a handful of compiled programs serve every request: prompts are left-padded to a
+power of two (at least 16 tokens) and window counts are padded with masked all-zero windows to the next bucket (both
+paddings are exact: padded keys get exactly zero attention). Positions are `cumsum(mask) - 1` (padding gets 1, as
+`transformers` does), the text KV cache has a static size (prompt bucket + `max_new_tokens`), and every row stops
+at its own EOS; the loop exits early once all rows have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+WINDOW_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 30)
+MIN_PROMPT_BUCKET = 16
+
+
+class GenerateOutput(NamedTuple):
+    tokens: np.ndarray  # (B, N) new tokens; after a row's EOS, the pad id
+    lengths: np.ndarray  # (B,) new tokens per row, its EOS included
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """Decoding rule. temperature 0 is greedy; top_k / top_p restrict sampling (None: off)."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+def bucket_prompt(length: int) -> int:
+    return max(MIN_PROMPT_BUCKET, 1 << (length - 1).bit_length())
+
+
+def bucket_windows(count: int) -> int:
+    for size in WINDOW_BUCKETS:
+        if count <= size:
+            return size
+    return count
+
+
+def sample(logits, key, sampling: Sampling):
+    """Next tokens `(B,)` from float32 logits `(B, V)`."""
+    if sampling.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / sampling.temperature
+    if sampling.top_k is not None:
+        kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if sampling.top_p is not None:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the best token always stays).
+        drop_sorted = (jnp.cumsum(probs, axis=-1) - probs) >= sampling.top_p
+        drop = jnp.zeros_like(drop_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(drop_sorted)
+        logits = jnp.where(drop, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "eos", "pad"))
+def _generate(state, input_ids, attention_mask, audio_x, audio_x_mask, key, *, graphdef, max_new_tokens: int,
+              sampling: Sampling, eos: int, pad: int):
+    model = nnx.merge(graphdef, state)
+    b, prompt_len = input_ids.shape
+    total = prompt_len + max_new_tokens
+    media, media_mask = model.encode_audio(audio_x, audio_x_mask)
+    media_k, media_v = model.media_kv(media)
+
+    # Slot s of the cache holds prompt token s (s < prompt_len) or new token s - prompt_len.
+    key_valid = jnp.concatenate([attention_mask != 0, jnp.ones((b, max_new_tokens), bool)], axis=1)
+    slots = jnp.arange(total)
+    positions = jnp.where(attention_mask != 0, jnp.cumsum(attention_mask, axis=1) - 1, 1)
+    next_position = positions[:, -1] + 1
+
+    prefill_mask = (slots[None, None, :] <= jnp.arange(prompt_len)[None, :, None]) & key_valid[:, None, :]
+    hidden, cache = model.cached_step(input_ids, positions, prefill_mask, media_k, media_v, media_mask,
+                                      model.init_cache(b, total), 0)
+    key, step_key = jax.random.split(key)
+    first = sample(model.logits(hidden[:, -1]), step_key, sampling)
+
+    tokens = jnp.full((b, max_new_tokens), pad, jnp.int32).at[:, 0].set(first)
+    done = first == eos
+    lengths = jnp.ones((b,), jnp.int32)
+
+    def cond(carry):
+        step, _, done, *_ = carry
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        step, tokens, done, lengths, cache, key = carry
+        last = tokens[:, step - 1]
+        slot = prompt_len + step - 1
+        mask = (slots[None, None, :] <= slot) & key_valid[:, None, :]
+        hidden, cache = model.cached_step(last[:, None], (next_position + step - 1)[:, None], mask, media_k,
+                                          media_v, media_mask, cache, slot)
+        key, step_key = jax.random.split(key)
+        token = sample(model.logits(hidden[:, 0]), step_key, sampling)
+        token = jnp.where(done, pad, token)
+        tokens = tokens.at[:, step].set(token)
+        lengths = lengths + (~done).astype(jnp.int32)
+        done = done | (token == eos)
+        return step + 1, tokens, done, lengths, cache, key
+
+    _, tokens, _, lengths, _, _ = jax.lax.while_loop(cond, body, (1, tokens, done, lengths, cache, key))
+    return tokens, lengths
+
+
+def generate(model, input_ids, attention_mask, audio_x, audio_x_mask, max_new_tokens: int = 256,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             eos_token_id: int | None = None, pad_token_id: int | None = None, key=None) -> GenerateOutput:
+    """Generates up to `max_new_tokens` for each row of a batch.
+
+    input_ids / attention_mask `(B, T)` (left or right padding both work: each row's real tokens keep their order);
+    audio_x `(B, L, 160000)`, audio_x_mask `(B, L)`. Ids default to the model config's. Sampling with
+    `temperature > 0` needs `key` (a `jax.random.key`).
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    sampling = Sampling(float(temperature), top_k, top_p)
+    if not sampling.greedy and key is None:
+        raise ValueError("sampling (temperature > 0) needs key=jax.random.key(seed)")
+    tokens_cfg = model.config.tokens
+    eos = tokens_cfg.eos if eos_token_id is None else int(eos_token_id)
+    pad = tokens_cfg.pad if pad_token_id is None else int(pad_token_id)
+    ids, mask = _left_pad(np.asarray(input_ids), np.asarray(attention_mask), pad)
+    audio, audio_mask = _pad_windows(np.asarray(audio_x, np.float32), np.asarray(audio_x_mask, np.float32))
+    graphdef, state = nnx.split(model)
+    tokens, lengths = _generate(state, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(audio),
+                                jnp.asarray(audio_mask), key if key is not None else jax.random.key(0),
+                                graphdef=graphdef, max_new_tokens=int(max_new_tokens), sampling=sampling, eos=eos,
+                                pad=pad)
+    return GenerateOutput(np.asarray(tokens), np.asarray(lengths))
+
+
+def _left_pad(ids: np.ndarray, mask: np.ndarray, pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """Moves every row's real tokens to the right end of a bucket-sized row (left padding)."""
+    if ids.shape != mask.shape or ids.ndim != 2:
+        raise ValueError(f"input_ids {ids.shape} and attention_mask {mask.shape} must both be (B, T)")
+    lengths = (mask != 0).sum(axis=1)
+    if (lengths == 0).any():
+        raise ValueError("every row needs at least one prompt token")
+    width = bucket_prompt(int(lengths.max()))
+    out_ids = np.full((ids.shape[0], width), pad, np.int32)
+    out_mask = np.zeros((ids.shape[0], width), np.int32)
+    for row in range(ids.shape[0]):
+        real = ids[row][mask[row] != 0]
+        out_ids[row, width - len(real):] = real
+        out_mask[row, width - len(real):] = 1
+    return out_ids, out_mask
+
+
+def _pad_windows(audio: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    count = bucket_windows(audio.shape[1])
+    if count == audio.shape[1]:
+        return audio, mask
+    extra = count - audio.shape[1]
+    audio = np.concatenate([audio, np.zeros((audio.shape[0], extra, audio.shape[2]), audio.dtype)], axis=1)
+    return audio, np.concatenate([mask, np.zeros((mask.shape[0], extra), mask.dtype)], axis=1)
