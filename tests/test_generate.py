@@ -1,0 +1,126 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from af2_jax.checkpoint import load_original
+from af2_jax.generate import bucket_prompt, bucket_windows, generate
+
+_CACHE = {}
+
+
+def _model(golden):
+    if golden.name not in _CACHE:
+        _CACHE[golden.name] = load_original(golden.weights, golden.config)
+    return _CACHE[golden.name]
+
+
+def test_batched_greedy_equals_the_original(golden):
+    i, o = golden.inputs, golden.outputs
+    n = o["generated_ids"].shape[1] - i["gen_input_ids"].shape[1]
+    out = generate(_model(golden), i["gen_input_ids"], i["gen_attention_mask"], i["audio_x"], i["audio_x_mask"],
+                   max_new_tokens=n)
+    np.testing.assert_array_equal(out.tokens, o["generated_ids"][:, -n:])
+    np.testing.assert_array_equal(np.concatenate([i["gen_input_ids"], out.tokens], axis=1), o["generated_ids"])
+
+
+def test_each_row_alone_equals_the_original(golden):
+    i, o = golden.inputs, golden.outputs
+    n = o["generated_tokens"].shape[1]
+    for row in range(i["gen_input_ids"].shape[0]):
+        ids = i["gen_input_ids"][row][i["gen_attention_mask"][row] == 1][None]
+        windows = int(i["audio_x_mask"][row].sum())
+        out = generate(_model(golden), ids, np.ones_like(ids), i["audio_x"][row:row + 1, :windows],
+                       i["audio_x_mask"][row:row + 1, :windows], max_new_tokens=n)
+        np.testing.assert_array_equal(out.tokens[0], o["generated_tokens"][row])
+        assert out.lengths[0] == n  # no stored decode hits eos
+
+
+def _mixed_batch(golden):
+    """4 rows: prompts of different lengths (ordinary token ids from the fixture's range), 1 or 2 windows."""
+    rng = np.random.default_rng(0)
+    lo, hi = golden.raw_config["tokenizer"]["regular_token_ids"]
+    t = golden.config.tokens
+    prompts = [[t.media, *rng.integers(lo, hi, n), t.sep] for n in (3, 9, 1, 6)]
+    audio = golden.inputs["audio_x"]
+    clips = [audio[0, :2], audio[1, :1], audio[0, 1:2], audio[0, :2][::-1]]
+    return prompts, clips
+
+
+def _batch(prompts, clips, pad):
+    width = max(map(len, prompts))
+    ids = np.full((len(prompts), width), pad)
+    mask = np.zeros((len(prompts), width), np.int64)
+    for r, p in enumerate(prompts):  # right padding on purpose: generate re-pads on the left
+        ids[r, :len(p)] = p
+        mask[r, :len(p)] = 1
+    windows = max(len(c) for c in clips)
+    audio = np.zeros((len(clips), windows, clips[0].shape[-1]), np.float32)
+    audio_mask = np.zeros((len(clips), windows), np.float32)
+    for r, c in enumerate(clips):
+        audio[r, :len(c)] = c
+        audio_mask[r, :len(c)] = 1
+    return ids, mask, audio, audio_mask
+
+
+def test_rows_of_a_mixed_batch_equal_each_row_alone(golden):
+    model = _model(golden)
+    prompts, clips = _mixed_batch(golden)
+    pad = golden.config.tokens.pad
+    together = generate(model, *_batch(prompts, clips, pad), max_new_tokens=10)
+    for r in range(4):
+        alone = generate(model, *_batch([prompts[r]], [clips[r]], pad), max_new_tokens=10)
+        np.testing.assert_array_equal(together.tokens[r], alone.tokens[0])
+
+
+def test_cached_decoding_equals_full_recomputation(golden):
+    model = _model(golden)
+    prompts, clips = _mixed_batch(golden)
+    ids, mask, audio, audio_mask = _batch(prompts[:1], clips[:1], golden.config.tokens.pad)
+    steps = 6
+    cached = generate(model, ids, mask, audio, audio_mask, max_new_tokens=steps).tokens[0]
+    forward = nnx.jit(lambda m, a, am, x: m.forward_audio_text(a, am, x))
+    sequence = list(ids[0])
+    for _ in range(steps):
+        logits = forward(model, audio, audio_mask, np.asarray([sequence]))
+        sequence.append(int(np.argmax(logits[0, -1])))
+    np.testing.assert_array_equal(cached, sequence[len(ids[0]):])
+
+
+def test_sampling_is_reproducible_and_top_k_1_is_greedy(golden):
+    model = _model(golden)
+    i = golden.inputs
+    args = (i["gen_input_ids"], i["gen_attention_mask"], i["audio_x"], i["audio_x_mask"])
+    a = generate(model, *args, max_new_tokens=8, temperature=1.0, top_k=20, top_p=0.9, key=jax.random.key(7))
+    b = generate(model, *args, max_new_tokens=8, temperature=1.0, top_k=20, top_p=0.9, key=jax.random.key(7))
+    c = generate(model, *args, max_new_tokens=8, temperature=1.0, top_k=20, top_p=0.9, key=jax.random.key(8))
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert not np.array_equal(a.tokens, c.tokens)
+    greedy = generate(model, *args, max_new_tokens=8)
+    top1 = generate(model, *args, max_new_tokens=8, temperature=0.7, top_k=1, key=jax.random.key(1))
+    np.testing.assert_array_equal(top1.tokens, greedy.tokens)
+    with pytest.raises(ValueError, match="needs key"):
+        generate(model, *args, max_new_tokens=2, temperature=1.0)
+
+
+def test_rows_stop_at_their_own_eos(golden):
+    model = _model(golden)
+    i, o = golden.inputs, golden.outputs
+    n = o["generated_ids"].shape[1] - i["gen_input_ids"].shape[1]
+    expected = o["generated_ids"][:, -n:]
+    eos = int(expected[0, 2])  # pretend row 0's third token is the end of sequence
+    pad = golden.config.tokens.pad
+    out = generate(model, i["gen_input_ids"], i["gen_attention_mask"], i["audio_x"], i["audio_x_mask"],
+                   max_new_tokens=n, eos_token_id=eos)
+    np.testing.assert_array_equal(out.tokens[0], [*expected[0, :3], *[pad] * (n - 3)])
+    assert out.lengths[0] == 3
+    hits = np.flatnonzero(expected[1] == eos)
+    stop = hits[0] + 1 if len(hits) else n
+    np.testing.assert_array_equal(out.tokens[1, :stop], expected[1, :stop])
+    assert out.lengths[1] == stop
+
+
+def test_buckets():
+    assert [bucket_prompt(n) for n in (1, 16, 17, 100, 512)] == [16, 16, 32, 128, 512]
+    assert [bucket_windows(n) for n in (1, 3, 12, 13, 30)] == [1, 4, 12, 16, 30]
