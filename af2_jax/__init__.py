@@ -1,9 +1,11 @@
 """af2-jax: Audio Flamingo 2 in JAX/Flax NNX."""
 
 from af2_jax import audio, config
-from af2_jax.checkpoint.store import load
+from af2_jax.checkpoint.store import load, save
+from af2_jax.generate import generate
+from af2_jax.pipeline import answer
 from af2_jax.config import AF2Config, preset
 from af2_jax.tokenizer import load_tokenizer
 
 __version__ = "0.1.0"
-__all__ = ["AF2Config", "audio", "config", "load", "load_tokenizer", "preset"]
+__all__ = ["AF2Config", "answer", "audio", "config", "generate", "load", "load_tokenizer", "preset", "save"]

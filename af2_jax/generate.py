@@ -15,6 +15,7 @@ import functools
 from typing import NamedTuple
 
 import jax
+import jax.experimental
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -79,9 +80,20 @@ def sample(logits, key, sampling: Sampling):
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "eos", "pad"))
+# The Python function that receives streamed tokens; the compiled program calls it through `_emit`, so one compiled
+# program serves every listener.
+_STREAM_LISTENER = [None]
+
+
+def _emit(step, tokens):
+    listener = _STREAM_LISTENER[0]
+    if listener is not None:
+        listener(int(step), np.asarray(tokens))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "eos", "pad", "stream"))
 def _generate(state, input_ids, attention_mask, audio_x, audio_x_mask, key, *, graphdef, max_new_tokens: int,
-              sampling: Sampling, eos: int, pad: int):
+              sampling: Sampling, eos: int, pad: int, stream: bool = False):
     model = nnx.merge(graphdef, state)
     b, prompt_len = input_ids.shape
     total = prompt_len + max_new_tokens
@@ -100,6 +112,8 @@ def _generate(state, input_ids, attention_mask, audio_x, audio_x_mask, key, *, g
     key, step_key = jax.random.split(key)
     first = sample(model.logits(hidden[:, -1]), step_key, sampling)
 
+    if stream:
+        jax.experimental.io_callback(_emit, None, 0, first, ordered=True)
     tokens = jnp.full((b, max_new_tokens), pad, jnp.int32).at[:, 0].set(first)
     done = first == eos
     lengths = jnp.ones((b,), jnp.int32)
@@ -118,6 +132,8 @@ def _generate(state, input_ids, attention_mask, audio_x, audio_x_mask, key, *, g
         key, step_key = jax.random.split(key)
         token = sample(model.logits(hidden[:, 0]), step_key, sampling)
         token = jnp.where(done, pad, token)
+        if stream:
+            jax.experimental.io_callback(_emit, None, step, token, ordered=True)
         tokens = tokens.at[:, step].set(token)
         lengths = lengths + (~done).astype(jnp.int32)
         done = done | (token == eos)
@@ -129,12 +145,14 @@ def _generate(state, input_ids, attention_mask, audio_x, audio_x_mask, key, *, g
 
 def generate(model, input_ids, attention_mask, audio_x, audio_x_mask, max_new_tokens: int = 256,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             eos_token_id: int | None = None, pad_token_id: int | None = None, key=None) -> GenerateOutput:
+             eos_token_id: int | None = None, pad_token_id: int | None = None, key=None,
+             on_token=None) -> GenerateOutput:
     """Generates up to `max_new_tokens` for each row of a batch.
 
     input_ids / attention_mask `(B, T)` (left or right padding both work: each row's real tokens keep their order);
     audio_x `(B, L, 160000)`, audio_x_mask `(B, L)`. Ids default to the model config's. Sampling with
-    `temperature > 0` needs `key` (a `jax.random.key`).
+    `temperature > 0` needs `key` (a `jax.random.key`). `on_token(step, tokens)` is called with each step's
+    `(B,)` new tokens as they are decoded (streaming).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -147,11 +165,16 @@ def generate(model, input_ids, attention_mask, audio_x, audio_x_mask, max_new_to
     ids, mask = _left_pad(np.asarray(input_ids), np.asarray(attention_mask), pad)
     audio, audio_mask = _pad_windows(np.asarray(audio_x, np.float32), np.asarray(audio_x_mask, np.float32))
     graphdef, state = nnx.split(model)
-    tokens, lengths = _generate(state, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(audio),
-                                jnp.asarray(audio_mask), key if key is not None else jax.random.key(0),
-                                graphdef=graphdef, max_new_tokens=int(max_new_tokens), sampling=sampling, eos=eos,
-                                pad=pad)
-    return GenerateOutput(np.asarray(tokens), np.asarray(lengths))
+    _STREAM_LISTENER[0] = on_token
+    try:
+        tokens, lengths = _generate(state, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(audio),
+                                    jnp.asarray(audio_mask), key if key is not None else jax.random.key(0),
+                                    graphdef=graphdef, max_new_tokens=int(max_new_tokens), sampling=sampling,
+                                    eos=eos, pad=pad, stream=on_token is not None)
+        tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+    finally:
+        _STREAM_LISTENER[0] = None
+    return GenerateOutput(tokens, lengths)
 
 
 def _left_pad(ids: np.ndarray, mask: np.ndarray, pad: int) -> tuple[np.ndarray, np.ndarray]:

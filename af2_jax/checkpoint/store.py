@@ -138,6 +138,19 @@ def storage_dtype(var: nnx.Variable, dtype) -> np.dtype:
     return np.dtype(np.float32) if isinstance(var, nnx.BatchStat) else np.dtype(dtype)
 
 
+def save(model, dst, *, tokenizer=None, dtype=None, overwrite: bool = False, meta: dict | None = None) -> Path:
+    """Writes a model (and optionally its tokenizer) as an af2-jax checkpoint, e.g. after training."""
+    variables = model_variables(model)
+    dtype = np.dtype(dtype or model.dtype)
+    params = {p: jax.device_put(np.asarray(v[...]).astype(storage_dtype(v, dtype))) for p, v in variables}
+    with AtomicFolder(dst, overwrite) as tmp:
+        save_tree(tmp / "params", nest(params))
+        if tokenizer is not None:
+            tokenizer.save(tmp / "tokenizer")
+        write_config(tmp, model.config, {"dtype": dtype.name, "unused": {}, **(meta or {})})
+    return Path(dst)
+
+
 def load(path, dtype="bfloat16", mesh=None):
     """Loads a checkpoint written by `python -m af2_jax.convert` as an `AF2Model` whose weights and activations
     are in `dtype` ("float32" or "bfloat16")."""

@@ -1,0 +1,54 @@
+"""Question answering over audio files: load audio, build prompts, batch, generate, extract answers."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import numpy as np
+
+from af2_jax.audio.io import collate_windows, load_windows
+from af2_jax.generate import bucket_windows, generate
+
+
+@dataclasses.dataclass
+class Item:
+    """One question about one clip, loaded and tokenised."""
+
+    windows: np.ndarray  # (W, 160000)
+    window_mask: np.ndarray  # (W,)
+    prompt_ids: list[int]
+
+
+def prepare(tokenizer, audio, question: str, max_windows: int = 12) -> Item:
+    """Audio (a path, or `(windows, mask)` already loaded) and a question -> model input."""
+    if isinstance(audio, tuple):
+        windows, mask = audio
+    else:
+        windows, mask = load_windows(audio, max_windows=max_windows)
+    return Item(windows, mask, tokenizer.prompt_ids(question))
+
+
+def answer_items(model, tokenizer, items: Sequence[Item], *, max_new_tokens: int = 256, temperature: float = 0.0,
+                 top_k=None, top_p=None, key=None, on_token: Callable | None = None) -> list[str]:
+    """Answers for a batch of prepared items (one generate call). `on_token(step, tokens)` streams."""
+    pad = model.config.tokens.pad
+    audio, audio_mask = collate_windows([(it.windows, it.window_mask) for it in items],
+                                        pad_to=bucket_windows(max(it.windows.shape[0] for it in items)))
+    width = max(len(it.prompt_ids) for it in items)
+    ids = np.full((len(items), width), pad, np.int32)
+    mask = np.zeros((len(items), width), np.int32)
+    for row, it in enumerate(items):
+        ids[row, width - len(it.prompt_ids):] = it.prompt_ids
+        mask[row, width - len(it.prompt_ids):] = 1
+    out = generate(model, ids, mask, audio, audio_mask, max_new_tokens=max_new_tokens, temperature=temperature,
+                   top_k=top_k, top_p=top_p, key=key, on_token=on_token)
+    return [tokenizer.answer(it.prompt_ids, out.tokens[row, : out.lengths[row]]) for row, it in enumerate(items)]
+
+
+def answer(model, tokenizer, audio, question: str, *, max_new_tokens: int = 256, temperature: float = 0.0,
+           top_k=None, top_p=None, key=None, max_windows: int = 12) -> str:
+    """The one-liner: `af2_jax.answer(model, tokenizer, "clip.wav", "What is happening?")` -> the answer text."""
+    item = prepare(tokenizer, audio, question, max_windows)
+    return answer_items(model, tokenizer, [item], max_new_tokens=max_new_tokens, temperature=temperature,
+                        top_k=top_k, top_p=top_p, key=key)[0]

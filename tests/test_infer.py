@@ -1,0 +1,143 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import af2_jax
+from af2_jax.config import AF2Config, AudioTransformerConfig, HTSATConfig, LMConfig
+from af2_jax.infer import main as infer_cli
+from af2_jax.nn.af2 import AF2Model
+from conftest import REPO, pygame_clip_dir
+
+SMALL = AF2Config(
+    htsat=HTSATConfig(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(2, 4, 8, 16)),
+    audio_transformer=AudioTransformerConfig(d_model=128, n_heads=2, n_layers=2, d_inner=256),
+    lm=LMConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2),
+)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A small random-weight model with the real 151669-token vocabulary and tokenizer."""
+    model = AF2Model(SMALL, rngs=nnx.Rngs(0))
+    path = tmp_path_factory.mktemp("ckpt") / "small"
+    af2_jax.save(model, path, tokenizer=af2_jax.load_tokenizer(), dtype="float32")
+    return path
+
+
+def _env():
+    return dict(os.environ, PYTHONPATH=str(REPO), AF2_JAX_HOME="/nonexistent-af2-cache")
+
+
+def _cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "af2_jax.infer", *map(str, args)], capture_output=True, text=True,
+                          env=_env(), **kw)
+
+
+def test_answer_one_liner(checkpoint, audio_files):
+    model = af2_jax.load(checkpoint, dtype="float32")
+    tok = af2_jax.load_tokenizer(checkpoint)
+    text = af2_jax.answer(model, tok, audio_files["speech"], "What is said?", max_new_tokens=6)
+    assert isinstance(text, str)
+    windows = af2_jax.audio.load_windows(audio_files["speech"])
+    assert af2_jax.answer(model, tok, windows, "what is said?", max_new_tokens=6) == text
+
+
+def test_cli_answers_real_audio(checkpoint, audio_files):
+    clip = pygame_clip_dir() / "house_lo.ogg"
+    run = _cli("--checkpoint", checkpoint, "--audio", audio_files["speech"], clip, "--prompt", "What is this?",
+               "--max-new-tokens", 6, "--dtype", "float32", "--json")
+    assert run.returncode == 0, run.stderr
+    lines = [json.loads(line) for line in run.stdout.splitlines()]
+    assert [line["audio"] for line in lines] == [str(audio_files["speech"]), str(clip)]
+    assert all(isinstance(line["answer"], str) for line in lines)
+    assert "checkpoint:" in run.stderr and "dtype float32" in run.stderr and "device cpu" in run.stderr
+
+
+def test_manifest_resumes_after_a_kill(checkpoint, audio_files, tmp_path):
+    clips = [audio_files["speech"], audio_files["long25"], pygame_clip_dir() / "boom.wav",
+             pygame_clip_dir() / "punch.wav", audio_files["stereo"], tmp_path / "missing.wav"]
+    manifest = tmp_path / "in.jsonl"
+    manifest.write_text("".join(json.dumps({"id": f"q{n}", "audio": str(c), "prompt": f"question {n}?"}) + "\n"
+                                for n, c in enumerate(clips)))
+    output = tmp_path / "out.jsonl"
+    args = ["--checkpoint", checkpoint, "--manifest", manifest, "--output", output, "--batch-size", 1,
+            "--max-new-tokens", 4, "--dtype", "float32"]
+    proc = subprocess.Popen([sys.executable, "-m", "af2_jax.infer", *map(str, args)], env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (output.exists() and output.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with open(output, "a") as f:  # what a kill in the middle of a write leaves behind
+        f.write('{"id": "q5", "aud')
+    first = [json.loads(line)["id"] for line in output.read_text().splitlines()[:-1]]
+    assert len(first) >= 2
+    run = _cli(*args)
+    assert run.returncode == 0, run.stderr
+    assert f"{len(first)} already answered" in run.stderr and "incomplete last line" in run.stderr
+    lines = [json.loads(line) for line in output.read_text().splitlines()]
+    assert sorted(line["id"] for line in lines) == [f"q{n}" for n in range(6)]
+    errors = [line for line in lines if "error" in line]
+    assert [e["id"] for e in errors] == ["q5"] and "no such file" in errors[0]["error"]
+    assert all("answer" in line for line in lines if "error" not in line)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--audio", "{missing}", "--prompt", "hi"], "no such file"),
+    (["--audio", "{text}", "--prompt", "hi"], "cannot be decoded as audio"),
+    (["--audio", "{speech}", "--prompt", "   "], "the prompt is empty"),
+    (["--checkpoint", "{tmp}", "--audio", "{speech}", "--prompt", "hi"], "no config.json"),
+])
+def test_bad_input_is_one_line(checkpoint, audio_files, tmp_path, capsys, args, message):
+    text = tmp_path / "notes.wav"
+    text.write_text("not audio " * 100)
+    subs = {"{missing}": str(tmp_path / "nope.wav"), "{text}": str(text), "{speech}": str(audio_files["speech"]),
+            "{tmp}": str(tmp_path)}
+    args = [subs.get(a, a) for a in args]
+    if "--checkpoint" not in args:
+        args = ["--checkpoint", str(checkpoint)] + args
+    assert infer_cli(args) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.strip().count("\n") == 0 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args", [
+    ["--audio", "a.wav"],  # no prompt
+    ["--audio", "a.wav", "--prompt", "x", "--manifest", "m.jsonl", "--output", "o.jsonl"],
+    ["--manifest", "m.jsonl"],
+    ["--audio", "a.wav", "--prompt", "x", "--stream", "--json"],
+    ["--audio", "a.wav", "--prompt", "x", "--max-windows", "31"],
+])
+def test_conflicting_flags_exit_2(args, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        infer_cli(args)
+    assert exit_info.value.code == 2
+
+
+def test_no_checkpoint_says_what_to_pass(audio_files, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("AF2_JAX_HOME", str(tmp_path / "cache"))
+    import af2_jax.infer as infer_module
+
+    monkeypatch.setattr(infer_module, "DEMO_CHECKPOINT", tmp_path / "no-demo")
+    assert infer_cli(["--audio", str(audio_files["speech"]), "--prompt", "hi"]) == 1
+    err = capsys.readouterr().err
+    assert "no checkpoint: pass --checkpoint DIR" in err and "--download" in err
+
+
+def test_stream_prints_the_same_answer(checkpoint, audio_files, capsys):
+    common = ["--checkpoint", str(checkpoint), "--audio", str(audio_files["speech"]), "--prompt", "what?",
+              "--max-new-tokens", "6", "--dtype", "float32"]
+    assert infer_cli(common) == 0
+    plain = capsys.readouterr().out.strip()
+    assert infer_cli(common + ["--stream"]) == 0
+    streamed = capsys.readouterr().out.strip()
+    assert streamed == f"{audio_files['speech']}: {plain}".strip()
