@@ -1,0 +1,63 @@
+"""Opt-in: the real release. Set AF2_RELEASE=/path/to/audio-flamingo-2 (the downloaded repository, with safe_ckpt/).
+Needs about 40 GB of memory in float32 (the JAX model and the PyTorch reference side by side)."""
+
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import af2_jax
+from af2_jax.checkpoint import SafetensorsCheckpoint
+from af2_jax.checkpoint.convert import convert, inspect
+from af2_jax.generate import generate
+from reference import AF2Reference
+
+RELEASE = os.environ.get("AF2_RELEASE")
+pytestmark = pytest.mark.skipif(not RELEASE, reason="AF2_RELEASE is not set: point it at a download of "
+                                                    "nvidia/audio-flamingo-2 to check the real release")
+
+
+def original_schema(config) -> dict:
+    """Our AF2Config in the fixture config.json schema the reference reads."""
+    h, at, lm, xa, t = config.htsat, config.audio_transformer, config.lm, config.cross_attention, config.tokens
+    return {
+        "clap_config": {"audio_embed_dim": at.d_model},
+        "model_config": {"audio_transformer_kwargs": {"n_head": at.n_heads, "n_layers": at.n_layers,
+                                                      "d_inner": at.d_inner}},
+        "htsat": {"embed_dim": h.embed_dim, "depths": list(h.depths), "num_heads": list(h.num_heads),
+                  "window_size": h.window_size, "mlp_ratio": h.mlp_ratio, "spec_size": h.spec_size,
+                  "patch_stride": [h.patch_stride, h.patch_stride], "freq_ratio": h.freq_ratio, "num_classes": 527},
+        "gated_cross_attention": {"heads": xa.heads, "dim_head": xa.dim_head, "ff_mult": xa.ff_mult},
+        "qwen2_config": {"vocab_size": lm.vocab_size, "hidden_size": lm.hidden_size,
+                         "intermediate_size": lm.intermediate_size, "num_hidden_layers": lm.num_layers,
+                         "num_attention_heads": lm.num_heads, "num_key_value_heads": lm.num_kv_heads,
+                         "rope_theta": lm.rope_theta, "rms_norm_eps": lm.rms_norm_eps,
+                         "max_position_embeddings": lm.max_position_embeddings, "tie_word_embeddings": True},
+        "special_tokens": {"<audio>": t.media, "<|endofchunk|>": t.end_of_chunk, "<|PAD_TOKEN|>": t.pad,
+                           "<SEP>": t.sep, "<|endoftext|>": t.eos},
+    }
+
+
+def test_real_release_converts_and_matches_the_reference(tmp_path):
+    result = inspect(RELEASE)
+    print(result.summary("float32"))
+    dst = convert(RELEASE, tmp_path / "af2", dtype="float32")
+    model = af2_jax.load(dst, dtype="float32")
+    tok = af2_jax.load_tokenizer(dst)
+    speech = tmp_path / "speech.wav"
+    subprocess.run(["espeak-ng", "-w", str(speech), "A dog barks twice and then a man says hello."], check=True)
+    windows, mask = af2_jax.audio.load_windows(speech)
+    ids = np.asarray([tok.prompt_ids("Describe the audio in detail.")])
+    ours = generate(model, ids, np.ones_like(ids), windows[None], mask[None], max_new_tokens=32)
+    del model
+    ref = AF2Reference(original_schema(result.config))
+    ref.load_original(dict(SafetensorsCheckpoint(Path(RELEASE)).items()))
+    t = torch.from_numpy
+    theirs = ref.generate_greedy(t(ids), t(np.ones_like(ids)), t(windows[None]), t(mask[None]), 32,
+                                 result.config.tokens.eos, result.config.tokens.pad)
+    n = int(ours.lengths[0])
+    np.testing.assert_array_equal(ours.tokens[0, :n], theirs[0, ids.shape[1]:ids.shape[1] + n].numpy())
+    print("answer:", tok.answer(ids[0], ours.tokens[0, :n]))
