@@ -2,8 +2,9 @@
 `lax.while_loop`, all under one `jax.jit`.
 
 Shapes are bucketed on the host so a handful of compiled programs serve every request: prompts are left-padded to a
-power of two (at least 16 tokens) and window counts are padded with masked all-zero windows to the next bucket (both
-paddings are exact: padded keys get exactly zero attention). Positions are `cumsum(mask) - 1` (padding gets 1, as
+power of two (at least 16 tokens), window counts are padded with masked all-zero windows to the next bucket (both
+paddings are exact: padded keys get exactly zero attention), and the batch is filled up to a power of two with rows
+whose output is dropped. Positions are `cumsum(mask) - 1` (padding gets 1, as
 `transformers` does), the text KV cache has a static size (prompt bucket + `max_new_tokens`), and every row stops
 at its own EOS; the loop exits early once all rows have.
 """
@@ -52,6 +53,10 @@ class Sampling:
 
 def bucket_prompt(length: int) -> int:
     return max(MIN_PROMPT_BUCKET, 1 << (length - 1).bit_length())
+
+
+def bucket_rows(count: int) -> int:
+    return 1 << (count - 1).bit_length()
 
 
 def bucket_windows(count: int) -> int:
@@ -164,6 +169,8 @@ def generate(model, input_ids, attention_mask, audio_x, audio_x_mask, max_new_to
     pad = tokens_cfg.pad if pad_token_id is None else int(pad_token_id)
     ids, mask = _left_pad(np.asarray(input_ids), np.asarray(attention_mask), pad)
     audio, audio_mask = _pad_windows(np.asarray(audio_x, np.float32), np.asarray(audio_x_mask, np.float32))
+    rows = ids.shape[0]
+    ids, mask, audio, audio_mask = _pad_rows(bucket_rows(rows), ids, mask, audio, audio_mask)
     graphdef, state = nnx.split(model)
     _STREAM_LISTENER[0] = on_token
     try:
@@ -171,10 +178,22 @@ def generate(model, input_ids, attention_mask, audio_x, audio_x_mask, max_new_to
                                     jnp.asarray(audio_mask), key if key is not None else jax.random.key(0),
                                     graphdef=graphdef, max_new_tokens=int(max_new_tokens), sampling=sampling,
                                     eos=eos, pad=pad, stream=on_token is not None)
-        tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+        tokens, lengths = np.asarray(tokens)[:rows], np.asarray(lengths)[:rows]
     finally:
         _STREAM_LISTENER[0] = None
     return GenerateOutput(tokens, lengths)
+
+
+def _pad_rows(count: int, ids, mask, audio, audio_mask):
+    """Appends filler rows up to `count`: one real token (the last column) and no audio; their output is dropped."""
+    extra = count - ids.shape[0]
+    if extra == 0:
+        return ids, mask, audio, audio_mask
+    filler_mask = np.zeros((extra, mask.shape[1]), mask.dtype)
+    filler_mask[:, -1] = 1
+    return (np.concatenate([ids, np.repeat(ids[:1], extra, axis=0)]), np.concatenate([mask, filler_mask]),
+            np.concatenate([audio, np.zeros((extra, *audio.shape[1:]), audio.dtype)]),
+            np.concatenate([audio_mask, np.zeros((extra, audio_mask.shape[1]), audio_mask.dtype)]))
 
 
 def _left_pad(ids: np.ndarray, mask: np.ndarray, pad: int) -> tuple[np.ndarray, np.ndarray]:

@@ -69,9 +69,13 @@ def test_rows_of_a_mixed_batch_equal_each_row_alone(golden):
     prompts, clips = _mixed_batch(golden)
     pad = golden.config.tokens.pad
     together = generate(model, *_batch(prompts, clips, pad), max_new_tokens=10)
+    three = generate(model, *_batch(prompts[:3], clips[:3], pad), max_new_tokens=10)  # filled up to 4 rows
+    assert three.tokens.shape == (3, 10)
     for r in range(4):
         alone = generate(model, *_batch([prompts[r]], [clips[r]], pad), max_new_tokens=10)
         np.testing.assert_array_equal(together.tokens[r], alone.tokens[0])
+        if r < 3:
+            np.testing.assert_array_equal(three.tokens[r], alone.tokens[0])
 
 
 def test_cached_decoding_equals_full_recomputation(golden):
