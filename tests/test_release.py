@@ -13,32 +13,11 @@ import af2_jax
 from af2_jax.checkpoint import SafetensorsCheckpoint
 from af2_jax.checkpoint.convert import convert, inspect
 from af2_jax.generate import generate
-from reference import AF2Reference
+from reference import AF2Reference, original_schema
 
 RELEASE = os.environ.get("AF2_RELEASE")
 pytestmark = pytest.mark.skipif(not RELEASE, reason="AF2_RELEASE is not set: point it at a download of "
                                                     "nvidia/audio-flamingo-2 to check the real release")
-
-
-def original_schema(config) -> dict:
-    """Our AF2Config in the fixture config.json schema the reference reads."""
-    h, at, lm, xa, t = config.htsat, config.audio_transformer, config.lm, config.cross_attention, config.tokens
-    return {
-        "clap_config": {"audio_embed_dim": at.d_model},
-        "model_config": {"audio_transformer_kwargs": {"n_head": at.n_heads, "n_layers": at.n_layers,
-                                                      "d_inner": at.d_inner}},
-        "htsat": {"embed_dim": h.embed_dim, "depths": list(h.depths), "num_heads": list(h.num_heads),
-                  "window_size": h.window_size, "mlp_ratio": h.mlp_ratio, "spec_size": h.spec_size,
-                  "patch_stride": [h.patch_stride, h.patch_stride], "freq_ratio": h.freq_ratio, "num_classes": 527},
-        "gated_cross_attention": {"heads": xa.heads, "dim_head": xa.dim_head, "ff_mult": xa.ff_mult},
-        "qwen2_config": {"vocab_size": lm.vocab_size, "hidden_size": lm.hidden_size,
-                         "intermediate_size": lm.intermediate_size, "num_hidden_layers": lm.num_layers,
-                         "num_attention_heads": lm.num_heads, "num_key_value_heads": lm.num_kv_heads,
-                         "rope_theta": lm.rope_theta, "rms_norm_eps": lm.rms_norm_eps,
-                         "max_position_embeddings": lm.max_position_embeddings, "tie_word_embeddings": True},
-        "special_tokens": {"<audio>": t.media, "<|endofchunk|>": t.end_of_chunk, "<|PAD_TOKEN|>": t.pad,
-                           "<SEP>": t.sep, "<|endoftext|>": t.eos},
-    }
 
 
 def test_real_release_converts_and_matches_the_reference(tmp_path):

@@ -1,0 +1,204 @@
+"""Generation speed, side by side on the same weights: the JAX sampler vs the PyTorch reference (tests/reference)
+decoding the way the original does (transformers' KV cache for the text, cross-attention K/V recomputed every step).
+
+    python bench/generate.py                      # the small model below, float32, this CPU, batch 1 and 8
+    python bench/generate.py --model af2-3b --dtype bfloat16 --windows 12 --batches 1,8 --no-reference   # (GPU)
+
+Small model (the issue's): LM hidden 512, 8 layers, 8 heads / 2 KV, intermediate 1536, vocab 151669, cross-attention
+at every layer, HTSAT embed 64 / depths 2-2-6-2, audio transformer 3 layers; 6 windows, 24-token prompt, 32 new
+tokens. Greedy, EOS disabled so every run decodes all tokens. Phases are timed by difference: encode = the audio
+path alone; prefill = (1 new token) - encode; decode tokens/s = (N - 1) * B / ((N tokens) - (1 token)). Each timing
+is the median of --repeats runs after a warm-up run (which also compiles).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from af2_jax.config import AF2Config, AudioTransformerConfig, HTSATConfig, LMConfig, preset  # noqa: E402
+from af2_jax.generate import _generate, generate  # noqa: E402
+
+SMALL = AF2Config(
+    htsat=HTSATConfig(embed_dim=64, depths=(2, 2, 6, 2), num_heads=(2, 4, 8, 16)),
+    audio_transformer=AudioTransformerConfig(d_model=512, n_heads=8, n_layers=3, d_inner=2048),
+    lm=LMConfig(hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8, num_kv_heads=2),
+)
+NO_EOS = -1
+
+
+def median_time(fn, repeats):
+    fn()  # warm-up (compiles)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def build_pair(config: AF2Config, with_reference: bool, dtype):
+    """The reference with random weights and the JAX model loaded from the same tensors (or JAX alone)."""
+    if not with_reference:
+        return random_model_from(config, dtype), None
+    import safetensors.numpy
+    import torch
+
+    from af2_jax.checkpoint import load_original
+    from reference import AF2Reference, original_schema
+
+    torch.manual_seed(0)
+    ref = AF2Reference(original_schema(config))
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape) / p.shape[-1] ** 0.5)
+            elif "gate" in name:
+                p.fill_(0.5)
+        ref.clap.nvclap.bn0.running_mean.normal_(-40, 10)
+        ref.clap.nvclap.bn0.running_var.uniform_(100, 400)
+    ref.eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "weights.safetensors"
+        safetensors.numpy.save_file({k: v.detach().numpy() for k, v in ref.state_dict().items()}, str(path))
+        model = load_original(path, config, dtype=dtype, param_dtype=dtype)
+    return model, ref
+
+
+def random_model_from(config: AF2Config, dtype):
+    from af2_jax.nn.af2 import AF2Model
+
+    abstract = nnx.eval_shape(lambda: AF2Model(config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    key = jax.random.key(0)
+    for n, (_, var) in enumerate(nnx.to_flat_state(state)):
+        shape = var.shape
+        if isinstance(var, nnx.BatchStat):
+            value = jnp.ones(shape, jnp.float32) * (100.0 if len(shape) else 1.0)
+        elif len(shape) >= 2:
+            value = jax.random.normal(jax.random.fold_in(key, n), shape, jnp.float32) / np.sqrt(shape[-1])
+        else:
+            value = jnp.ones(shape, jnp.float32)
+        var.set_value(value.astype(var.dtype))
+    return nnx.merge(graphdef, state)
+
+
+def inputs(config: AF2Config, batch, windows, prompt_len):
+    rng = np.random.default_rng(0)
+    t = np.arange(config.audio.window_samples) / config.audio.sample_rate
+    audio = np.stack([np.stack([0.5 * np.sin(2 * np.pi * (200 + 50 * b + 30 * w) * t) for w in range(windows)])
+                      for b in range(batch)]).astype(np.float32)
+    audio += 0.05 * rng.standard_normal(audio.shape).astype(np.float32)
+    ids = rng.integers(0, config.tokens.eos, (batch, prompt_len))
+    ids[:, 0], ids[:, -1] = config.tokens.media, config.tokens.sep
+    return audio, np.ones((batch, windows), np.float32), ids, np.ones_like(ids)
+
+
+def bench_jax(model, audio, audio_mask, ids, mask, new_tokens, repeats):
+    encode = nnx.jit(lambda m, a, am: m.encode_audio(a, am))
+    start = time.perf_counter()
+    one = lambda n: generate(model, ids, mask, audio, audio_mask, max_new_tokens=n, eos_token_id=NO_EOS)  # noqa
+    one(new_tokens)
+    compile_s = time.perf_counter() - start
+    t_encode = median_time(lambda: jax.block_until_ready(encode(model, audio, audio_mask)), repeats)
+    t_one = median_time(lambda: one(1), repeats)
+    t_all = median_time(lambda: one(new_tokens), repeats)
+    return {"encode": t_encode, "prefill": t_one - t_encode, "decode_tps": (new_tokens - 1) * ids.shape[0] /
+            (t_all - t_one), "total": t_all, "compile": compile_s, "tokens": one(new_tokens).tokens}
+
+
+def bench_reference(ref, audio, audio_mask, ids, mask, new_tokens, repeats):
+    import torch
+
+    t = torch.from_numpy
+    a, am, i, m = t(audio), t(audio_mask), t(ids), t(mask)
+    with torch.no_grad():
+        t_encode = median_time(lambda: ref.encode_audio(a, am), repeats)
+        run = lambda n: ref.generate_greedy(i, m, a, am, n, NO_EOS, 0)  # noqa: E731
+        t_one = median_time(lambda: run(1), repeats)
+        t_all = median_time(lambda: run(new_tokens), repeats)
+        tokens = run(new_tokens)[:, ids.shape[1]:].numpy()
+    return {"encode": t_encode, "prefill": t_one - t_encode, "decode_tps": (new_tokens - 1) * ids.shape[0] /
+            (t_all - t_one), "total": t_all, "tokens": tokens}
+
+
+def count_manifest_compilations(model, items=50, batch_size=8, new_tokens=8):
+    """Distinct compiled programs for 50 mixed-length items answered the way `infer --manifest` batches them."""
+    from af2_jax.generate import bucket_windows
+
+    rng = np.random.default_rng(1)
+    durations = rng.uniform(1, 120, items)  # seconds
+    prompt_lens = rng.integers(5, 60, items)
+    before = _generate._cache_size()
+    groups = {}
+    for d, p in zip(durations, prompt_lens):
+        groups.setdefault(bucket_windows(int(np.ceil(d / 10))), []).append(int(p))
+    config = model.config
+    for windows, prompts in sorted(groups.items()):
+        for first in range(0, len(prompts), batch_size):
+            chunk = prompts[first:first + batch_size]
+            audio = np.zeros((len(chunk), windows, config.audio.window_samples), np.float32)
+            width = max(chunk)
+            ids = np.full((len(chunk), width), config.tokens.pad)
+            mask = np.zeros((len(chunk), width), np.int64)
+            for r, p in enumerate(chunk):
+                ids[r, -p:] = 100
+                mask[r, -p:] = 1
+            generate(model, ids, mask, audio, np.ones((len(chunk), windows), np.float32), max_new_tokens=new_tokens)
+    return _generate._cache_size() - before, len(groups)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="small", help="'small' (the issue's benchmark model) or a preset")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--windows", type=int, default=6)
+    p.add_argument("--prompt", type=int, default=24)
+    p.add_argument("--new", type=int, default=32)
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-reference", action="store_true")
+    p.add_argument("--manifest", action="store_true", help="also count compilations for a 50-item manifest")
+    args = p.parse_args()
+    config = SMALL if args.model == "small" else preset(args.model)
+    dtype = jnp.dtype(args.dtype)
+    jax.config.update("jax_default_matmul_precision", "highest" if dtype == jnp.float32 else "default")
+    model, ref = build_pair(config, not args.no_reference, dtype)
+    device = jax.devices()[0]
+    print(f"device: {device.platform} ({device.device_kind}); model {args.model}, {args.dtype}, {args.windows} "
+          f"windows, {args.prompt}-token prompt, {args.new} new tokens")
+    print("| batch | impl | encode s | prefill s | decode tok/s | total s | compile s |")
+    print("|---|---|---|---|---|---|---|")
+    for batch in map(int, args.batches.split(",")):
+        data = inputs(config, batch, args.windows, args.prompt)
+        ours = bench_jax(model, *data, args.new, args.repeats)
+        print(f"| {batch} | jax | {ours['encode']:.3f} | {ours['prefill']:.3f} | {ours['decode_tps']:.1f} | "
+              f"{ours['total']:.3f} | {ours['compile']:.1f} |", flush=True)
+        if ref is not None:
+            theirs = bench_reference(ref, *data, args.new, args.repeats)
+            same = np.array_equal(ours["tokens"], theirs["tokens"])
+            print(f"| {batch} | reference | {theirs['encode']:.3f} | {theirs['prefill']:.3f} | "
+                  f"{theirs['decode_tps']:.1f} | {theirs['total']:.3f} | - |")
+            print(f"| {batch} | ratio | {theirs['encode'] / ours['encode']:.2f}x | "
+                  f"{theirs['prefill'] / ours['prefill']:.2f}x | {ours['decode_tps'] / theirs['decode_tps']:.2f}x | "
+                  f"{theirs['total'] / ours['total']:.2f}x | greedy tokens identical: {same} |", flush=True)
+    if args.manifest:
+        compiled, buckets = count_manifest_compilations(model)
+        print(f"manifest of 50 mixed-length items (batch 8): {compiled} compilation(s) over {buckets} window "
+              "bucket(s)")
+
+
+if __name__ == "__main__":
+    main()
