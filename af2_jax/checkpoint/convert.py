@@ -144,6 +144,8 @@ def convert(src, dst, model=None, dtype="bfloat16", *, overwrite=False, allow_al
         params[path] = jax.device_put(value)
         del value
     unused = {name: ckpt.get(name) for name in report.dead}
+    log.info("kept aside, unused at inference (%d tensors, restored by --export): %s", len(unused),
+             ", ".join(sorted(unused)))
     clap_prefix = next((p for p in keymap.CLAP_PREFIXES if any(n.startswith(p) for n in ckpt.keys())),
                        keymap.CANONICAL_CLAP_PREFIX)
     with atomic as tmp:

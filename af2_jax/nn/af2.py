@@ -104,13 +104,13 @@ class AF2Model(nnx.Module):
         return logits
 
     def media_kv(self, media):
-        """Every layer's cross-attention keys and values, computed once per request: `(layers, B, S, heads, d)`."""
+        """Every layer's cross-attention keys and values, computed once per request: `(layers, B, heads, S, d)`."""
         graphdef, stacked = nnx.split(self.layers)
         return jax.vmap(lambda state: nnx.merge(graphdef, state).xattn.media_kv(media))(stacked)
 
     def init_cache(self, batch: int, length: int):
         lm = self.config.lm
-        shape = (lm.num_layers, batch, length, lm.num_kv_heads, lm.head_dim)
+        shape = (lm.num_layers, batch, lm.num_kv_heads, length, lm.head_dim)
         return jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)
 
     def cached_step(self, input_ids, positions, mask, media_k, media_v, media_mask, cache, index):

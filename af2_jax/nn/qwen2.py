@@ -51,33 +51,34 @@ class Qwen2Attention(nnx.Module):
         self.o_proj = linear(cfg.num_heads * hd, d, axes=("q_heads", "embed"), use_bias=False, **kw)
 
     def project_kv(self, x, cos, sin):
+        """Keys (with RoPE) and values `(B, KV, T, d)`: head-major, the KV cache's layout."""
         b, t, _ = x.shape
         k = self.k_proj(x).reshape(b, t, self.cfg.num_kv_heads, self.cfg.head_dim)
         v = self.v_proj(x).reshape(b, t, self.cfg.num_kv_heads, self.cfg.head_dim)
-        return apply_rope(k, cos, sin), v
+        return apply_rope(k, cos, sin).transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
     def __call__(self, x, cos, sin, mask, kv=None):
-        """x `(B, T, D)`; mask `(B, T, S)` boolean (True = may attend); kv: keys/values `(B, S, KV, d)` to attend to
+        """x `(B, T, D)`; mask `(B, T, S)` boolean (True = may attend); kv: keys/values `(B, KV, S, d)` to attend to
         (default: this call's own, S = T)."""
         cfg = self.cfg
         b, t, _ = x.shape
         q = apply_rope(self.q_proj(x).reshape(b, t, cfg.num_heads, cfg.head_dim), cos, sin)
         k, v = self.project_kv(x, cos, sin) if kv is None else kv
         groups = cfg.num_heads // cfg.num_kv_heads
-        q = q.reshape(b, t, cfg.num_kv_heads, groups, cfg.head_dim)
-        logits = jnp.einsum("bqkgd,bskd->bkgqs", q, k) * jnp.asarray(cfg.head_dim ** -0.5, q.dtype)
+        q = q.reshape(b, t, cfg.num_kv_heads, groups, cfg.head_dim).transpose(0, 2, 3, 1, 4)  # (B, KV, G, T, d)
+        logits = jnp.einsum("bkgqd,bksd->bkgqs", q, k) * jnp.asarray(cfg.head_dim ** -0.5, q.dtype)
         logits = jnp.where(mask[:, None, None], logits.astype(jnp.float32), jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(b, t, cfg.num_heads * cfg.head_dim)
+        out = jnp.einsum("bkgqs,bksd->bqkgd", probs, v).reshape(b, t, cfg.num_heads * cfg.head_dim)
         return self.o_proj(out)
 
 
     def cached(self, x, cos, sin, mask, cache_k, cache_v, index):
         """Writes this call's keys/values into the cache at slot `index` and attends over the whole cache.
-        cache `(B, S_max, KV, d)`; mask `(B, T, S_max)`. Returns (output, cache_k, cache_v)."""
+        cache `(B, KV, S_max, d)`; mask `(B, T, S_max)`. Returns (output, cache_k, cache_v)."""
         k, v = self.project_kv(x, cos, sin)
-        cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0))
-        cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
+        cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, 0, index, 0))
+        cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, 0, index, 0))
         return self(x, cos, sin, mask, kv=(cache_k, cache_v)), cache_k, cache_v
 
 

@@ -35,22 +35,23 @@ class GatedCrossAttention(nnx.Module):
         self.ff_gate = nnx.Param(gate(rngs.params(), (1,), param_dtype))
 
     def media_kv(self, media):
-        """media `(B, S, media_dim)` -> K, V `(B, S, heads, dim_head)`."""
+        """media `(B, S, media_dim)` -> K, V `(B, heads, S, dim_head)`: head-major, the layout the attention reads,
+        so a decoding step never transposes them."""
         b, s, _ = media.shape
-        kv = self.to_kv(media).reshape(b, s, 2, self.cfg.heads, self.cfg.dim_head)
-        return kv[:, :, 0], kv[:, :, 1]
+        kv = self.to_kv(media).reshape(b, s, 2, self.cfg.heads, self.cfg.dim_head).transpose(2, 0, 3, 1, 4)
+        return kv[0], kv[1]
 
     def __call__(self, x, media_k, media_v, media_mask):
-        """x `(B, T, dim)`; media K/V `(B, S, heads, dim_head)`; media_mask `(B, S)` (nonzero = real audio)."""
+        """x `(B, T, dim)`; media K/V `(B, heads, S, dim_head)`; media_mask `(B, S)` (nonzero = real audio)."""
         cfg = self.cfg
         b, t, _ = x.shape
-        q = self.to_q(self.norm(x)).reshape(b, t, cfg.heads, cfg.dim_head)
+        q = self.to_q(self.norm(x)).reshape(b, t, cfg.heads, cfg.dim_head).transpose(0, 2, 1, 3)
         q = q * jnp.asarray(cfg.dim_head ** -0.5, q.dtype)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, media_k).astype(jnp.float32)
+        logits = jnp.einsum("bhqd,bhkd->bhqk", q, media_k).astype(jnp.float32)
         logits = jnp.where(media_mask[:, None, None, :] != 0, logits, -jnp.finfo(jnp.float32).max)
         logits = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
         probs = jax.nn.softmax(logits, axis=-1).astype(media_v.dtype)
-        attn = jnp.einsum("bhqk,bkhd->bqhd", probs, media_v).reshape(b, t, cfg.heads * cfg.dim_head)
+        attn = jnp.einsum("bhqk,bhkd->bqhd", probs, media_v).reshape(b, t, cfg.heads * cfg.dim_head)
         x = x + jnp.tanh(self.attn_gate[...]).astype(x.dtype) * self.to_out(attn)
         ff = self.ff_out(jax.nn.gelu(self.ff_in(self.ff_norm(x)), approximate=False))
         return x + jnp.tanh(self.ff_gate[...]).astype(x.dtype) * ff
