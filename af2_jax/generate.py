@@ -1,5 +1,5 @@
-"""Generation: audio encoded once, cross-attention K/V computed once, prefill, then a decode loop inside one
-`lax.while_loop`, all under one `jax.jit`.
+"""Generation: audio encoded once and every layer's cross-attention K/V computed once (one compiled program), then
+prefill and a decode loop inside one `lax.while_loop` (a second compiled program).
 
 Shapes are bucketed on the host so a handful of compiled programs serve every request: prompts are left-padded to a
 power of two (at least 16 tokens), window counts are padded with masked all-zero windows to the next bucket (both
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from typing import NamedTuple
 
 import jax
@@ -28,6 +29,7 @@ MIN_PROMPT_BUCKET = 16
 class GenerateOutput(NamedTuple):
     tokens: np.ndarray  # (B, N) new tokens; after a row's EOS, the pad id
     lengths: np.ndarray  # (B,) new tokens per row, its EOS included
+    timings: dict  # seconds: compile_s (0 when every program was cached), encode_s (audio), decode_s (text)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,14 +98,20 @@ def _emit(step, tokens):
         listener(int(step), np.asarray(tokens))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "eos", "pad", "stream"))
-def _generate(state, input_ids, attention_mask, audio_x, audio_x_mask, key, *, graphdef, max_new_tokens: int,
-              sampling: Sampling, eos: int, pad: int, stream: bool = False):
+def _encode(state, audio_x, audio_x_mask, *, graphdef):
+    """HTSAT over every window, the audio transformer, and every layer's cross-attention K/V: once per request."""
+    model = nnx.merge(graphdef, state)
+    media, media_mask = model.encode_audio(audio_x, audio_x_mask)
+    media_k, media_v = model.media_kv(media)
+    return media_k, media_v, media_mask
+
+
+def _decode(state, media_k, media_v, media_mask, input_ids, attention_mask, key, *, graphdef, max_new_tokens: int,
+            sampling: Sampling, eos: int, pad: int, stream: bool = False):
+    """Prefill, then the decode loop in one `lax.while_loop`."""
     model = nnx.merge(graphdef, state)
     b, prompt_len = input_ids.shape
     total = prompt_len + max_new_tokens
-    media, media_mask = model.encode_audio(audio_x, audio_x_mask)
-    media_k, media_v = model.media_kv(media)
 
     # Slot s of the cache holds prompt token s (s < prompt_len) or new token s - prompt_len.
     key_valid = jnp.concatenate([attention_mask != 0, jnp.ones((b, max_new_tokens), bool)], axis=1)
@@ -172,16 +180,47 @@ def generate(model, input_ids, attention_mask, audio_x, audio_x_mask, max_new_to
     rows = ids.shape[0]
     ids, mask, audio, audio_mask = _pad_rows(bucket_rows(rows), ids, mask, audio, audio_mask)
     graphdef, state = nnx.split(model)
+    timings = {"compile_s": 0.0}
+    start = time.perf_counter()
+    encode, timings["compile_s"] = _compiled(_encode, (state, audio, audio_mask), {"graphdef": graphdef})
+    media_k, media_v, media_mask = jax.block_until_ready(encode(state, audio, audio_mask))
+    timings["encode_s"] = time.perf_counter() - start - timings["compile_s"]
+    args = (state, media_k, media_v, media_mask, ids, mask, key if key is not None else jax.random.key(0))
+    statics = {"graphdef": graphdef, "max_new_tokens": int(max_new_tokens), "sampling": sampling, "eos": eos,
+               "pad": pad, "stream": on_token is not None}
+    start = time.perf_counter()
+    decode, compile_s = _compiled(_decode, args, statics)
     _STREAM_LISTENER[0] = on_token
     try:
-        tokens, lengths = _generate(state, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(audio),
-                                    jnp.asarray(audio_mask), key if key is not None else jax.random.key(0),
-                                    graphdef=graphdef, max_new_tokens=int(max_new_tokens), sampling=sampling,
-                                    eos=eos, pad=pad, stream=on_token is not None)
-        tokens, lengths = np.asarray(tokens)[:rows], np.asarray(lengths)[:rows]
+        tokens, lengths = jax.block_until_ready(decode(*args))
     finally:
         _STREAM_LISTENER[0] = None
-    return GenerateOutput(tokens, lengths)
+    timings["decode_s"] = time.perf_counter() - start - compile_s
+    timings["compile_s"] += compile_s
+    return GenerateOutput(np.asarray(tokens)[:rows], np.asarray(lengths)[:rows], timings)
+
+
+# Compiled programs by (function, static arguments, argument shapes): compiled ahead of time so compilation is timed
+# apart from running, and reused for every request of the same bucketed shape.
+_PROGRAMS: dict = {}
+
+
+def _compiled(fn, args, statics):
+    leaves, tree = jax.tree.flatten(args)
+    signature = (fn.__name__, tuple(sorted(statics.items(), key=lambda kv: kv[0])), tree,
+                 tuple((leaf.shape, leaf.dtype) for leaf in leaves))
+    program = _PROGRAMS.get(signature)
+    if program is not None:
+        return program, 0.0
+    start = time.perf_counter()
+    program = jax.jit(functools.partial(fn, **statics)).lower(*args).compile()
+    _PROGRAMS[signature] = program
+    return program, time.perf_counter() - start
+
+
+def compiled_programs() -> int:
+    """How many distinct programs generation has compiled in this process."""
+    return len(_PROGRAMS)
 
 
 def _pad_rows(count: int, ids, mask, audio, audio_mask):

@@ -178,25 +178,31 @@ def _run(args) -> int:
 def _run_files(args, model, tokenizer, items) -> int:
     from af2_jax.pipeline import answer_items
 
+    timings: dict = {}
     if args.stream:
         for path, item in zip(args.audio, items):
             streamer = _Streamer(tokenizer, item.prompt_ids)
             print(f"{path}: ", end="", flush=True)
-            answer_items(model, tokenizer, [item], on_token=streamer, **_sampling(args))
+            answer_items(model, tokenizer, [item], on_token=streamer, timings=timings, **_sampling(args))
             print(flush=True)
-        return 0
-    for first in range(0, len(items), args.batch_size):
-        batch = items[first:first + args.batch_size]
-        start = time.perf_counter()
-        answers = answer_items(model, tokenizer, batch, **_sampling(args))
-        log.info("generated %d answer(s) in %.2f s (the first batch of a shape includes compilation)",
-                 len(batch), time.perf_counter() - start)
-        for path, text in zip(args.audio[first:first + args.batch_size], answers):
-            if args.json:
-                print(json.dumps({"audio": path, "prompt": args.prompt, "answer": text}), flush=True)
-            else:
-                print(f"{path}: {text}" if len(args.audio) > 1 else text, flush=True)
+    else:
+        for first in range(0, len(items), args.batch_size):
+            batch = items[first:first + args.batch_size]
+            answers = answer_items(model, tokenizer, batch, timings=timings, **_sampling(args))
+            for path, text in zip(args.audio[first:first + args.batch_size], answers):
+                if args.json:
+                    print(json.dumps({"audio": path, "prompt": args.prompt, "answer": text}), flush=True)
+                else:
+                    print(f"{path}: {text}" if len(args.audio) > 1 else text, flush=True)
+    _log_timings(timings)
     return 0
+
+
+def _log_timings(timings: dict) -> None:
+    if timings:
+        log.info("compile %.2f s; audio encoding %.2f s; decoding %.2f s (%d tokens, %.1f tokens/s)",
+                 timings["compile_s"], timings["encode_s"], timings["decode_s"], timings["tokens"],
+                 timings["tokens"] / max(timings["decode_s"], 1e-9))
 
 
 class _Streamer:
@@ -288,7 +294,7 @@ def _run_manifest(args, model, tokenizer) -> int:
     groups: dict[int, list[dict]] = {}
     for it in pending:  # batch clips of similar length together: one compiled shape per bucket
         groups.setdefault(bucket_windows(_window_count(it["audio"], args.max_windows)), []).append(it)
-    errors = 0
+    errors, timings = 0, {}
     output.parent.mkdir(parents=True, exist_ok=True)
     with open(output, "a") as out, tqdm(total=len(pending), unit="item", file=sys.stderr) as bar:
         for _, group in sorted(groups.items()):
@@ -302,7 +308,8 @@ def _run_manifest(args, model, tokenizer) -> int:
                         lines.append({"id": it["id"], "audio": it["audio"], "prompt": it["prompt"],
                                       "error": str(err)})
                 if prepared:
-                    answers = answer_items(model, tokenizer, [p for _, p in prepared], **_sampling(args))
+                    answers = answer_items(model, tokenizer, [p for _, p in prepared], timings=timings,
+                                           **_sampling(args))
                     lines += [{"id": it["id"], "audio": it["audio"], "prompt": it["prompt"], "answer": text}
                               for (it, _), text in zip(prepared, answers)]
                 out.write("".join(json.dumps(line) + "\n" for line in lines))
@@ -310,6 +317,7 @@ def _run_manifest(args, model, tokenizer) -> int:
                 os.fsync(out.fileno())
                 bar.update(len(batch))
     log.info("wrote %s (%d answered, %d with errors)", output, len(pending) - errors, errors)
+    _log_timings(timings)
     return 0
 
 

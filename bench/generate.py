@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 from af2_jax.config import AF2Config, AudioTransformerConfig, HTSATConfig, LMConfig, preset  # noqa: E402
-from af2_jax.generate import _generate, generate  # noqa: E402
+from af2_jax.generate import compiled_programs, generate  # noqa: E402
 
 SMALL = AF2Config(
     htsat=HTSATConfig(embed_dim=64, depths=(2, 2, 6, 2), num_heads=(2, 4, 8, 16)),
@@ -141,7 +141,7 @@ def count_manifest_compilations(model, items=50, batch_size=8, new_tokens=8):
     rng = np.random.default_rng(1)
     durations = rng.uniform(1, 120, items)  # seconds
     prompt_lens = rng.integers(5, 60, items)
-    before = _generate._cache_size()
+    before = compiled_programs()
     groups = {}
     for d, p in zip(durations, prompt_lens):
         groups.setdefault(bucket_windows(int(np.ceil(d / 10))), []).append(int(p))
@@ -157,7 +157,7 @@ def count_manifest_compilations(model, items=50, batch_size=8, new_tokens=8):
                 ids[r, -p:] = 100
                 mask[r, -p:] = 1
             generate(model, ids, mask, audio, np.ones((len(chunk), windows), np.float32), max_new_tokens=new_tokens)
-    return _generate._cache_size() - before, len(groups)
+    return compiled_programs() - before, len(groups)
 
 
 def main():

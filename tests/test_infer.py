@@ -59,6 +59,7 @@ def test_cli_answers_real_audio(checkpoint, audio_files):
     assert [line["audio"] for line in lines] == [str(audio_files["speech"]), str(clip)]
     assert all(isinstance(line["answer"], str) for line in lines)
     assert "checkpoint:" in run.stderr and "dtype float32" in run.stderr and "device cpu" in run.stderr
+    assert "compile" in run.stderr and "audio encoding" in run.stderr and "decoding" in run.stderr
 
 
 def test_manifest_resumes_after_a_kill(checkpoint, audio_files, tmp_path):

@@ -235,3 +235,17 @@ def test_decoder_layer_at_3b_width(wide_inputs, capsys):
     with capsys.disabled():
         print(f"\n[af2-3b decoder layer] float32 {_relative(got, expected):.1e}, "
               f"bfloat16 {_relative(np.asarray(bf16, np.float32), expected):.1e} relative")
+
+
+def test_reference_tree_matches_every_release_shape_map(shape_map):
+    """Built on the meta device at the release sizes, the reference has exactly the release's state_dict names,
+    shapes and dtypes (aliases aside), so it is the original's module tree and can load a real release."""
+    from reference import original_schema
+
+    lm = shape_map["config"]["lm"]
+    name = next(n for n in ("af2-3b", "af2-1.5b", "af2-0.5b") if preset(n).lm.hidden_size == lm["hidden_size"])
+    with torch.device("meta"):
+        ref = AF2Reference(original_schema(preset(name)))
+    ours = {k: (list(v.shape), str(v.dtype).replace("torch.", "")) for k, v in ref.state_dict().items()}
+    theirs = {k: (v[0], v[1]) for k, v in shape_map["state_dict"].items()}
+    assert ours == theirs
