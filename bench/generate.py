@@ -6,9 +6,10 @@ decoding the way the original does (transformers' KV cache for the text, cross-a
 
 Small model (the issue's): LM hidden 512, 8 layers, 8 heads / 2 KV, intermediate 1536, vocab 151669, cross-attention
 at every layer, HTSAT embed 64 / depths 2-2-6-2, audio transformer 3 layers; 6 windows, 24-token prompt, 32 new
-tokens. Greedy, EOS disabled so every run decodes all tokens. Phases are timed by difference: encode = the audio
-path alone; prefill = (1 new token) - encode; decode tokens/s = (N - 1) * B / ((N tokens) - (1 token)). Each timing
-is the median of --repeats runs after a warm-up run (which also compiles).
+tokens. Greedy, EOS disabled so every run decodes all tokens. Phases: encode = the audio path (HTSAT, audio
+transformer, and for JAX also every layer's cross-attention K/V); prefill = the text part of a 1-token run;
+decode tokens/s = (N - 1) * B / (text time of an N-token run - prefill). The reference is timed the same way by
+difference (its 1-token run minus its encode). Medians of --repeats runs after a warm-up run (which also compiles).
 """
 
 from __future__ import annotations
@@ -107,16 +108,43 @@ def inputs(config: AF2Config, batch, windows, prompt_len):
 
 
 def bench_jax(model, audio, audio_mask, ids, mask, new_tokens, repeats):
-    encode = nnx.jit(lambda m, a, am: m.encode_audio(a, am))
-    start = time.perf_counter()
-    one = lambda n: generate(model, ids, mask, audio, audio_mask, max_new_tokens=n, eos_token_id=NO_EOS)  # noqa
-    one(new_tokens)
-    compile_s = time.perf_counter() - start
-    t_encode = median_time(lambda: jax.block_until_ready(encode(model, audio, audio_mask)), repeats)
-    t_one = median_time(lambda: one(1), repeats)
-    t_all = median_time(lambda: one(new_tokens), repeats)
-    return {"encode": t_encode, "prefill": t_one - t_encode, "decode_tps": (new_tokens - 1) * ids.shape[0] /
-            (t_all - t_one), "total": t_all, "compile": compile_s, "tokens": one(new_tokens).tokens}
+    """Phases from the sampler's own timings: encode (audio + every layer's cross-attention K/V), prefill (the
+    text stage with 1 new token), decode (the text stage's extra time for N - 1 more tokens)."""
+    run = lambda n: generate(model, ids, mask, audio, audio_mask, max_new_tokens=n, eos_token_id=NO_EOS)  # noqa
+    compile_s = run(new_tokens).timings["compile_s"] + run(1).timings["compile_s"]
+
+    def phases(n):
+        outs = [run(n) for _ in range(repeats)]
+        return (statistics.median(o.timings["encode_s"] for o in outs),
+                statistics.median(o.timings["decode_s"] for o in outs), outs[-1])
+
+    encode, prefill, _ = phases(1)
+    _, text, last = phases(new_tokens)
+    return {"encode": encode, "prefill": prefill, "decode_tps": (new_tokens - 1) * ids.shape[0] / (text - prefill),
+            "total": encode + text, "compile": compile_s, "tokens": last.tokens}
+
+
+def bench_jax_quick(model, audio, audio_mask, ids, mask, new_tokens, repeats):
+    """One program per batch size (no 1-token runs, so half the compilations): prefill is folded into decoding,
+    tokens/s = N * B / text time, a slight underestimate of the decode rate."""
+    run = lambda: generate(model, ids, mask, audio, audio_mask, max_new_tokens=new_tokens, eos_token_id=NO_EOS)  # noqa
+    compile_s = run().timings["compile_s"]
+    outs = [run() for _ in range(repeats)]
+    encode = statistics.median(o.timings["encode_s"] for o in outs)
+    text = statistics.median(o.timings["decode_s"] for o in outs)
+    return {"encode": encode, "prefill": float("nan"), "decode_tps": new_tokens * ids.shape[0] / text,
+            "total": encode + text, "compile": compile_s, "tokens": outs[-1].tokens}
+
+
+def decode_weight_bytes(model) -> int:
+    """Bytes of weights one decoding step reads: every LM layer (cross-attention without to_kv, whose K/V are
+    precomputed), the final norm and the tied embedding (output projection)."""
+    total = 0
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+        name = ".".join(map(str, path))
+        if name.startswith(("layers.", "norm.", "embed_tokens.")) and ".to_kv." not in name:
+            total += int(np.prod(var.shape)) * var.dtype.itemsize
+    return total
 
 
 def bench_reference(ref, audio, audio_mask, ids, mask, new_tokens, repeats):
@@ -171,6 +199,8 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-reference", action="store_true")
     p.add_argument("--manifest", action="store_true", help="also count compilations for a 50-item manifest")
+    p.add_argument("--quick", action="store_true", help="one program per batch size (see bench_jax_quick)")
+    p.add_argument("--hbm-tbps", type=float, default=3.35, help="memory bandwidth for the roofline (H100 SXM: 3.35)")
     args = p.parse_args()
     config = SMALL if args.model == "small" else preset(args.model)
     dtype = jnp.dtype(args.dtype)
@@ -183,9 +213,15 @@ def main():
     print("|---|---|---|---|---|---|---|")
     for batch in map(int, args.batches.split(",")):
         data = inputs(config, batch, args.windows, args.prompt)
-        ours = bench_jax(model, *data, args.new, args.repeats)
+        ours = (bench_jax_quick if args.quick else bench_jax)(model, *data, args.new, args.repeats)
         print(f"| {batch} | jax | {ours['encode']:.3f} | {ours['prefill']:.3f} | {ours['decode_tps']:.1f} | "
               f"{ours['total']:.3f} | {ours['compile']:.1f} |", flush=True)
+        if device.platform == "gpu":
+            weights = decode_weight_bytes(model)
+            steps_per_s = ours["decode_tps"] / batch
+            print(f"|   | roofline | a step reads {weights / 1e9:.2f} GB of weights: {weights * steps_per_s / 1e12:.2f} "
+                  f"TB/s = {100 * weights * steps_per_s / (args.hbm_tbps * 1e12):.0f}% of {args.hbm_tbps} TB/s | | | |",
+                  flush=True)
         if ref is not None:
             theirs = bench_reference(ref, *data, args.new, args.repeats)
             same = np.array_equal(ours["tokens"], theirs["tokens"])
