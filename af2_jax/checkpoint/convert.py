@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from af2_jax.checkpoint import keymap, store
-from af2_jax.checkpoint.load import check_constants, plan, resolve_aliases
+from af2_jax.checkpoint.load import check_constants, plan, is_stacked, resolve_aliases, slot_shapes
 from af2_jax.checkpoint.reader import CheckpointError, SafetensorsCheckpoint, write_safetensors
 from af2_jax.config import PRESETS, AF2Config, preset
 
@@ -85,16 +85,6 @@ def _abstract_model(config: AF2Config):
     return nnx.eval_shape(lambda: AF2Model(config, rngs=nnx.Rngs(0)))
 
 
-def _targets(variables) -> dict[str, tuple[int, ...]]:
-    targets = {}
-    for path, var in variables:
-        if path.split(".", 1)[0] == "layers":
-            targets.update({f"{path}[{i}]": tuple(var.shape[1:]) for i in range(var.shape[0])})
-        else:
-            targets[path] = tuple(var.shape)
-    return targets
-
-
 @dataclasses.dataclass
 class Inspection:
     config: AF2Config
@@ -114,7 +104,7 @@ def inspect(src, model=None, dtype="bfloat16") -> Inspection:
     ckpt = open_source(src)
     config = resolve_config(model, ckpt)
     variables = store.model_variables(_abstract_model(config))
-    report = plan(ckpt, _targets(variables), config, what="the AF2 model")
+    report = plan(ckpt, slot_shapes(variables), config, what="the AF2 model")
     params = sum(int(np.prod(v.shape)) for _, v in variables)
     out_bytes = sum(int(np.prod(v.shape)) * store.storage_dtype(v, dtype).itemsize for _, v in variables)
     return Inspection(config, report, params, out_bytes)
@@ -125,14 +115,14 @@ def convert(src, dst, model=None, dtype="bfloat16", *, overwrite=False, allow_al
     ckpt = open_source(src)
     config = resolve_config(model, ckpt)
     variables = store.model_variables(_abstract_model(config))
-    report = plan(ckpt, _targets(variables), config, what="the AF2 model")
+    report = plan(ckpt, slot_shapes(variables), config, what="the AF2 model")
     atomic = store.AtomicFolder(dst, overwrite)  # refuse an existing DST before any heavy work
     check_constants(ckpt, report, config)
     resolve_aliases(ckpt, report, allow_mismatch=allow_alias_mismatch)
     params = {}
     for path, var in variables:
         out_dtype = store.storage_dtype(var, dtype)
-        if path.split(".", 1)[0] == "layers":
+        if is_stacked(path):
             value = np.empty(tuple(var.shape), out_dtype)
             for i in range(var.shape[0]):
                 name, transform = report.assignments[f"{path}[{i}]"]
@@ -187,7 +177,7 @@ def export(src, dst, *, overwrite=False, chunk_bytes: int = DEFAULT_CHUNK_BYTES)
 
     entries = []  # (name, shape, dtype, produce)
     for path, var in variables:
-        stacked = path.split(".", 1)[0] == "layers"
+        stacked = is_stacked(path)
         for i in (range(var.shape[0]) if stacked else [None]):
             slot = f"{path}[{i}]" if stacked else path
             name, transform = keymap.to_source(slot)

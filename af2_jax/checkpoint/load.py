@@ -18,6 +18,7 @@ from flax import nnx
 
 from af2_jax.checkpoint import keymap
 from af2_jax.checkpoint.reader import CheckpointError, SafetensorsCheckpoint
+from af2_jax.checkpoint.store import model_variables, state_variables
 from af2_jax.config import AF2Config
 
 log = logging.getLogger(__name__)
@@ -60,27 +61,29 @@ class MappingReport:
 
 
 def flat_variables(module: nnx.Module, root: str = "") -> list[tuple[str, nnx.Variable]]:
-    """(dotted path, variable) for every variable of a (possibly abstract) module."""
-    _, state = nnx.split(module)
+    """(dotted path, variable) for every variable of a (possibly abstract) module, paths prefixed by `root`."""
     prefix = root + "." if root else ""
-    return [(prefix + ".".join(str(k) for k in path), var) for path, var in nnx.to_flat_state(state)]
+    return [(prefix + path, var) for path, var in model_variables(module)]
 
 
-def _is_stacked(path: str) -> bool:
+def is_stacked(path: str) -> bool:
     return path.split(".", 1)[0] in STACKED_ROOTS
 
 
-def flat_shapes(module: nnx.Module, root: str = "") -> dict[str, tuple[int, ...]]:
+def slot_shapes(variables) -> dict[str, tuple[int, ...]]:
     """Slot path -> shape: one entry per variable, or per layer (`path[i]`) for stacked variables."""
     shapes = {}
-    for path, var in flat_variables(module, root):
+    for path, var in variables:
         shape = tuple(var.shape)
-        if _is_stacked(path):
-            for i in range(shape[0]):
-                shapes[f"{path}[{i}]"] = shape[1:]
+        if is_stacked(path):
+            shapes.update({f"{path}[{i}]": shape[1:] for i in range(shape[0])})
         else:
             shapes[path] = shape
     return shapes
+
+
+def flat_shapes(module: nnx.Module, root: str = "") -> dict[str, tuple[int, ...]]:
+    return slot_shapes(flat_variables(module, root))
 
 
 def map_names(source_shapes: Mapping[str, tuple[int, ...]], target_shapes: Mapping[str, tuple[int, ...]],
@@ -203,7 +206,7 @@ def fill(variables: list[tuple[str, nnx.Variable]], report: MappingReport,
     """Sets every variable from its mapped source tensor(s), stacking per-layer slots."""
     for path, var in variables:
         dtype = dtype_of(var)
-        if _is_stacked(path):
+        if is_stacked(path):
             value = np.empty(tuple(var.shape), dtype=dtype)
             for i in range(var.shape[0]):
                 name, transform = report.assignments[f"{path}[{i}]"]
@@ -220,14 +223,8 @@ def load_into(abstract: nnx.Module, source, config: AF2Config, *, root: str = ""
     ckpt = source if isinstance(source, SafetensorsCheckpoint) else SafetensorsCheckpoint(source)
     graphdef, state = nnx.split(abstract)
     prefix = root + "." if root else ""
-    variables = [(prefix + ".".join(str(k) for k in path), var) for path, var in nnx.to_flat_state(state)]
-    targets = {}
-    for path, var in variables:
-        if _is_stacked(path):
-            targets.update({f"{path}[{i}]": tuple(var.shape[1:]) for i in range(var.shape[0])})
-        else:
-            targets[path] = tuple(var.shape)
-    report = plan(ckpt, targets, config, scope=scope, what=what)
+    variables = state_variables(state, prefix)
+    report = plan(ckpt, slot_shapes(variables), config, scope=scope, what=what)
     check_constants(ckpt, report, config)
     resolve_aliases(ckpt, report, allow_mismatch=allow_alias_mismatch)
     fill(variables, report, ckpt.get, lambda var: np.dtype(var.dtype))

@@ -127,9 +127,13 @@ class AtomicFolder:
         return False
 
 
+def state_variables(state, prefix: str = "") -> list[tuple[str, nnx.Variable]]:
+    """(dotted path, variable) for every variable of an NNX state; setting a variable updates that state."""
+    return [(prefix + ".".join(str(k) for k in path), var) for path, var in nnx.to_flat_state(state)]
+
+
 def model_variables(model: nnx.Module) -> list[tuple[str, nnx.Variable]]:
-    _, state = nnx.split(model)
-    return [(".".join(str(k) for k in path), var) for path, var in nnx.to_flat_state(state)]
+    return state_variables(nnx.split(model)[1])
 
 
 def storage_dtype(var: nnx.Variable, dtype) -> np.dtype:
@@ -166,7 +170,7 @@ def load(path, dtype="bfloat16", mesh=None):
     dtype = jnp.dtype(dtype)
     abstract = nnx.eval_shape(lambda: AF2Model(config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
-    variables = [(".".join(str(k) for k in p), v) for p, v in nnx.to_flat_state(state)]
+    variables = state_variables(state)
     stored = stored_shapes(folder / "params")
     expected = {p: tuple(v.shape) for p, v in variables}
     missing = sorted(set(expected) - set(stored))
