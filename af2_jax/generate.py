@@ -200,15 +200,15 @@ def generate(model, input_ids, attention_mask, audio_x, audio_x_mask, max_new_to
     return GenerateOutput(np.asarray(tokens)[:rows], np.asarray(lengths)[:rows], timings)
 
 
-# Compiled programs by (function, static arguments, argument shapes): compiled ahead of time so compilation is timed
-# apart from running, and reused for every request of the same bucketed shape.
+# Compiled programs by (function, static arguments, argument shapes and shardings): compiled ahead of time so
+# compilation is timed apart from running, and reused for every request of the same bucketed shape.
 _PROGRAMS: dict = {}
 
 
 def _compiled(fn, args, statics):
     leaves, tree = jax.tree.flatten(args)
     signature = (fn.__name__, tuple(sorted(statics.items(), key=lambda kv: kv[0])), tree,
-                 tuple((leaf.shape, leaf.dtype) for leaf in leaves))
+                 tuple((leaf.shape, leaf.dtype, getattr(leaf, "sharding", None)) for leaf in leaves))
     program = _PROGRAMS.get(signature)
     if program is not None:
         return program, 0.0

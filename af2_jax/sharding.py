@@ -141,3 +141,36 @@ class Placement:
                 if n > 1 and units and units % n:
                     notes.append(f"{logical}: {units} units do not split over {axis}={n}, replicated")
         return "; ".join(notes) or "every rule applies in full"
+
+
+def logical_axes(var) -> tuple | None:
+    """The logical axis names a variable was created with (None: not annotated)."""
+    names = var.get_metadata().get("out_sharding")
+    return tuple(names) if names else None
+
+
+def shard_model(model, mesh: Mesh):
+    """Places every parameter of `model` on `mesh` by the rules table and returns the model (in place)."""
+    from flax import nnx
+
+    placement = Placement(mesh, model.config)
+    _, state = nnx.split(model)
+    for path, var in nnx.to_flat_state(state):
+        names = logical_axes(var)
+        if names is None and isinstance(var, nnx.BatchStat):  # flax creates these without metadata; tiny
+            names = (None,) * len(var.shape)
+        if names is None or len(names) != len(var.shape):
+            raise MeshError(f"parameter {'.'.join(map(str, path))} has no logical axis names for its shape "
+                            f"{tuple(var.shape)}; every parameter needs them to be placed")
+        var.set_value(jax.device_put(var[...], placement.sharding(names, var.shape)))
+    log.info("mesh %s: %s", format_mesh(dict(mesh.shape)), placement.report())
+    return model
+
+
+def batch_sharding(mesh: Mesh, batch: int, ndim: int) -> NamedSharding:
+    """Inputs split along the batch over the data axes (data x fsdp); one-line error if the batch does not divide."""
+    data = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch % data:
+        raise MeshError(f"batch {batch} does not split over data x fsdp = {data} devices; use a batch that is a "
+                        f"multiple of {data} or a mesh with data*fsdp dividing {batch}")
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))

@@ -1,0 +1,57 @@
+import os
+import subprocess
+import sys
+
+import pytest
+from types import SimpleNamespace
+
+from af2_jax.sharding import MeshError, Placement, make_mesh, parse_mesh_spec
+from conftest import FIXTURE_DIRS, REPO
+
+HERE = os.path.dirname(__file__)
+
+
+def _check(meshes):
+    for fixture in FIXTURE_DIRS:
+        run = subprocess.run([sys.executable, os.path.join(HERE, "sharding_check.py"), str(fixture), *meshes],
+                             capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                             timeout=600)
+        assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+        assert run.stdout.count("greedy tokens equal") == len(meshes), run.stdout
+
+
+def test_sharded_equals_single_device_on_one_mesh():
+    _check(["data=2,tensor=4"])
+
+
+@pytest.mark.slow
+def test_sharded_equals_single_device_on_every_mesh():
+    _check(["tensor=8", "fsdp=8", "data=2,tensor=4", "data=2,fsdp=2,tensor=2"])
+
+
+def test_mesh_errors_are_one_line():
+    with pytest.raises(MeshError, match=r"needs 4 devices but 1 are available; try tensor=1") as err:
+        make_mesh("tensor=4")
+    assert "\n" not in str(err.value)
+    with pytest.raises(MeshError, match="expected comma-separated axis=size"):
+        parse_mesh_spec("model=2")
+    with pytest.raises(MeshError, match="expected comma-separated axis=size"):
+        parse_mesh_spec("tensor=0")
+    assert parse_mesh_spec("data=2, tensor=4") == {"data": 2, "fsdp": 1, "tensor": 4}
+
+
+def test_rules_split_by_heads_and_replicate_what_does_not_divide():
+    from jax.sharding import PartitionSpec as P
+
+    from af2_jax.config import preset
+
+    mesh = SimpleNamespace(shape={"data": 1, "fsdp": 2, "tensor": 4})
+    placement = Placement(mesh, preset("af2-3b"))
+    assert placement.spec(("embed", "q_heads"), (2048, 2048)) == P("fsdp", "tensor")  # 16 heads over 4
+    assert placement.spec(("embed", "kv_heads"), (2048, 256)) == P("fsdp", None)  # 2 KV heads stay whole
+    assert placement.spec(("vocab", "embed"), (151669, 2048)) == P(None, "fsdp")  # 151669 is odd
+    assert placement.spec(("layers", "embed", "mlp"), (36, 2048, 11008)) == P(None, "fsdp", "tensor")
+    assert placement.spec(("htsat_embed", "htsat_qkv"), (256, 768)) == P(None, None)
+    assert "kv_heads: 2 units do not split over tensor=4, replicated" in placement.report()
+    with pytest.raises(KeyError, match="no entry in af2_jax.sharding.RULES"):
+        placement.spec(("made_up",), (4,))
