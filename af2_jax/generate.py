@@ -159,13 +159,14 @@ def _decode(state, media_k, media_v, media_mask, input_ids, attention_mask, key,
 def generate(model, input_ids, attention_mask, audio_x, audio_x_mask, max_new_tokens: int = 256,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              eos_token_id: int | None = None, pad_token_id: int | None = None, key=None,
-             on_token=None) -> GenerateOutput:
+             on_token=None, mesh=None) -> GenerateOutput:
     """Generates up to `max_new_tokens` for each row of a batch.
 
     input_ids / attention_mask `(B, T)` (left or right padding both work: each row's real tokens keep their order);
     audio_x `(B, L, 160000)`, audio_x_mask `(B, L)`. Ids default to the model config's. Sampling with
     `temperature > 0` needs `key` (a `jax.random.key`). `on_token(step, tokens)` is called with each step's
-    `(B,)` new tokens as they are decoded (streaming).
+    `(B,)` new tokens as they are decoded (streaming). With a `mesh` (the one the model was loaded on), the batch
+    is split over its data axes.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -178,7 +179,13 @@ def generate(model, input_ids, attention_mask, audio_x, audio_x_mask, max_new_to
     ids, mask = _left_pad(np.asarray(input_ids), np.asarray(attention_mask), pad)
     audio, audio_mask = _pad_windows(np.asarray(audio_x, np.float32), np.asarray(audio_x_mask, np.float32))
     rows = ids.shape[0]
-    ids, mask, audio, audio_mask = _pad_rows(bucket_rows(rows), ids, mask, audio, audio_mask)
+    data_axes = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+    ids, mask, audio, audio_mask = _pad_rows(bucket_rows(max(rows, data_axes)), ids, mask, audio, audio_mask)
+    if mesh is not None:
+        from af2_jax.sharding import batch_sharding
+
+        ids, mask, audio, audio_mask = (jax.device_put(a, batch_sharding(mesh, a.shape[0], a.ndim))
+                                        for a in (ids, mask, audio, audio_mask))
     graphdef, state = nnx.split(model)
     timings = {"compile_s": 0.0}
     start = time.perf_counter()

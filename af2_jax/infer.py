@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument("--download", action="store_true",
                        help=f"download {RELEASE_REPO} (37 GB) and convert it into the cache first")
     model.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    model.add_argument("--mesh", metavar="SPEC",
+                       help="shard over devices, e.g. 'tensor=4' or 'data=2,tensor=4' (axes data, fsdp, tensor); "
+                            "default: one device")
     gen = p.add_argument_group("generation")
     gen.add_argument("--max-new-tokens", type=int, default=256)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default, as the benchmarks)")
@@ -139,12 +142,16 @@ def _load(args, path: Path, why: str):
 
     import af2_jax
 
+    from af2_jax.sharding import format_mesh, make_mesh
+
+    mesh = make_mesh(args.mesh) if args.mesh else None
     start = time.perf_counter()
-    model = af2_jax.load(path, dtype=args.dtype)
+    model = af2_jax.load(path, dtype=args.dtype, mesh=mesh)
     device = jax.devices()[0]
-    log.info("checkpoint: %s (%s); dtype %s; device %s (%s) x%d; mesh: none (single device); loaded in %.1f s",
+    log.info("checkpoint: %s (%s); dtype %s; device %s (%s) x%d; mesh: %s; loaded in %.1f s",
              path, why, args.dtype, device.platform, device.device_kind, jax.device_count(),
-             time.perf_counter() - start)
+             format_mesh(dict(mesh.shape)) if mesh else "none (single device)", time.perf_counter() - start)
+    args.mesh_object = mesh
     return model
 
 
@@ -152,7 +159,7 @@ def _sampling(args) -> dict:
     import jax
 
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, key=jax.random.key(args.seed))
+                top_p=args.top_p, key=jax.random.key(args.seed), mesh=getattr(args, "mesh_object", None))
 
 
 def _run(args) -> int:
@@ -160,6 +167,10 @@ def _run(args) -> int:
     from af2_jax.checkpoint.store import read_config
     from af2_jax.pipeline import prepare
 
+    if args.mesh:  # a mesh that cannot work is refused before anything is loaded or compiled
+        from af2_jax.sharding import make_mesh
+
+        make_mesh(args.mesh)
     path, why = resolve_checkpoint(args)
     config, _ = read_config(path)
     tokenizer = af2_jax.load_tokenizer(path, config.tokens)

@@ -31,7 +31,7 @@ def prepare(tokenizer, audio, question: str, max_windows: int = 12) -> Item:
 
 def answer_items(model, tokenizer, items: Sequence[Item], *, max_new_tokens: int = 256, temperature: float = 0.0,
                  top_k=None, top_p=None, key=None, on_token: Callable | None = None,
-                 timings: dict | None = None) -> list[str]:
+                 timings: dict | None = None, mesh=None) -> list[str]:
     """Answers for a batch of prepared items (one generate call). `on_token(step, tokens)` streams; `timings`, if
     given, accumulates the compile / audio-encode / decode seconds."""
     pad = model.config.tokens.pad
@@ -44,7 +44,7 @@ def answer_items(model, tokenizer, items: Sequence[Item], *, max_new_tokens: int
         ids[row, width - len(it.prompt_ids):] = it.prompt_ids
         mask[row, width - len(it.prompt_ids):] = 1
     out = generate(model, ids, mask, audio, audio_mask, max_new_tokens=max_new_tokens, temperature=temperature,
-                   top_k=top_k, top_p=top_p, key=key, on_token=on_token)
+                   top_k=top_k, top_p=top_p, key=key, on_token=on_token, mesh=mesh)
     if timings is not None:
         for name, seconds in out.timings.items():
             timings[name] = timings.get(name, 0.0) + seconds

@@ -149,20 +149,28 @@ def logical_axes(var) -> tuple | None:
     return tuple(names) if names else None
 
 
+def variable_sharding(var, placement: Placement) -> NamedSharding:
+    """Where the rules table puts one variable (BatchNorm statistics, which flax creates without names, are
+    replicated)."""
+    from flax import nnx
+
+    names = logical_axes(var)
+    if names is None and isinstance(var, nnx.BatchStat):
+        names = (None,) * len(var.shape)
+    if names is None or len(names) != len(var.shape):
+        raise MeshError(f"a {type(var).__name__} of shape {tuple(var.shape)} has no logical axis names; every "
+                        "parameter needs them to be placed")
+    return placement.sharding(names, var.shape)
+
+
 def shard_model(model, mesh: Mesh):
     """Places every parameter of `model` on `mesh` by the rules table and returns the model (in place)."""
     from flax import nnx
 
     placement = Placement(mesh, model.config)
     _, state = nnx.split(model)
-    for path, var in nnx.to_flat_state(state):
-        names = logical_axes(var)
-        if names is None and isinstance(var, nnx.BatchStat):  # flax creates these without metadata; tiny
-            names = (None,) * len(var.shape)
-        if names is None or len(names) != len(var.shape):
-            raise MeshError(f"parameter {'.'.join(map(str, path))} has no logical axis names for its shape "
-                            f"{tuple(var.shape)}; every parameter needs them to be placed")
-        var.set_value(jax.device_put(var[...], placement.sharding(names, var.shape)))
+    for _, var in nnx.to_flat_state(state):
+        var.set_value(jax.device_put(var[...], variable_sharding(var, placement)))
     log.info("mesh %s: %s", format_mesh(dict(mesh.shape)), placement.report())
     return model
 

@@ -125,3 +125,20 @@ def audio_files(tmp_path_factory) -> dict[str, Path]:
     t = np.arange(16000) / 16000
     soundfile.write(str(files["positive"]), 0.5 + 0.25 * np.sin(2 * np.pi * 100 * t), 16000, subtype="FLOAT")
     return files
+
+
+@pytest.fixture(scope="session")
+def small_checkpoint(tmp_path_factory):
+    """A small random-weight model with the real 151669-token vocabulary and tokenizer, as an af2-jax checkpoint."""
+    import af2_jax
+    from af2_jax.config import AF2Config, AudioTransformerConfig, HTSATConfig, LMConfig
+    from af2_jax.nn.af2 import AF2Model
+    from flax import nnx
+
+    config = AF2Config(
+        htsat=HTSATConfig(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(2, 4, 8, 16)),
+        audio_transformer=AudioTransformerConfig(d_model=128, n_heads=2, n_layers=2, d_inner=256),
+        lm=LMConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2))
+    path = tmp_path_factory.mktemp("ckpt") / "small"
+    af2_jax.save(AF2Model(config, rngs=nnx.Rngs(0)), path, tokenizer=af2_jax.load_tokenizer(), dtype="float32")
+    return path

@@ -5,6 +5,7 @@ same greedy tokens, with the large parameters really split. Prints one line per 
 
 import os
 import sys
+import tempfile
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
@@ -12,7 +13,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+import af2_jax  # noqa: E402
 from af2_jax.checkpoint import load_original  # noqa: E402
+from af2_jax.checkpoint.convert import convert  # noqa: E402
 from af2_jax.config import AF2Config  # noqa: E402
 from af2_jax.generate import generate  # noqa: E402
 from af2_jax.sharding import MeshError, Placement, batch_sharding, make_mesh, shard_model  # noqa: E402
@@ -27,6 +30,8 @@ def main(fixture: str, meshes: list[str]) -> None:
     i = dict(np.load(os.path.join(fixture, "inputs.npz")))
     forward = nnx.jit(lambda m, *a: m.forward_audio_text(*a))
     single_model = load_original(weights, config)
+    checkpoint = os.path.join(tempfile.mkdtemp(), "ckpt")
+    convert(weights, checkpoint, os.path.join(fixture, "config.json"), "float32")
     for spec in meshes:
         mesh = make_mesh(spec)
         data = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -44,6 +49,8 @@ def main(fixture: str, meshes: list[str]) -> None:
         tokens_single = generate(single_model, *(batch[n] for n in gen), max_new_tokens=8).tokens
         tokens_sharded = generate(model, *(batch[n] for n in gen), max_new_tokens=8).tokens
         np.testing.assert_array_equal(tokens_sharded, tokens_single)
+        tokens_split = generate(model, *(batch[n] for n in gen), max_new_tokens=8, mesh=mesh).tokens
+        np.testing.assert_array_equal(tokens_split, tokens_single)  # batch split over the data axes
         # Large parameters are split, not replicated, wherever the rules can split them on this mesh.
         placement = Placement(mesh, config)
         split = 0
@@ -55,6 +62,11 @@ def main(fixture: str, meshes: list[str]) -> None:
             shard = value.sharding.shard_shape(value.shape)
             split += int(np.prod(shard)) < int(np.prod(value.shape))
         assert split >= 3, (spec, "large parameters were not split")
+        # The same model restored from an Orbax checkpoint straight into its shards.
+        restored = af2_jax.load(checkpoint, dtype="float32", mesh=mesh)
+        for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(nnx.state(restored))):
+            assert b[...].sharding.is_equivalent_to(a[...].sharding, a[...].ndim), path
+            np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]))
         if data > 1:  # a batch that does not split over the data axes is refused before anything compiles
             try:
                 batch_sharding(mesh, data + 1, 2)

@@ -5,32 +5,16 @@ import subprocess
 import sys
 import time
 
-import jax
-import numpy as np
 import pytest
-from flax import nnx
 
 import af2_jax
-from af2_jax.config import AF2Config, AudioTransformerConfig, HTSATConfig, LMConfig
 from af2_jax.infer import main as infer_cli
-from af2_jax.nn.af2 import AF2Model
 from conftest import REPO, pygame_clip_dir
-
-SMALL = AF2Config(
-    htsat=HTSATConfig(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(2, 4, 8, 16)),
-    audio_transformer=AudioTransformerConfig(d_model=128, n_heads=2, n_layers=2, d_inner=256),
-    lm=LMConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2),
-)
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A small random-weight model with the real 151669-token vocabulary and tokenizer."""
-    model = AF2Model(SMALL, rngs=nnx.Rngs(0))
-    path = tmp_path_factory.mktemp("ckpt") / "small"
-    af2_jax.save(model, path, tokenizer=af2_jax.load_tokenizer(), dtype="float32")
-    return path
-
+def checkpoint(small_checkpoint):
+    return small_checkpoint
 
 def _env():
     return dict(os.environ, PYTHONPATH=str(REPO), AF2_JAX_HOME="/nonexistent-af2-cache")
@@ -97,6 +81,7 @@ def test_manifest_resumes_after_a_kill(checkpoint, audio_files, tmp_path):
     (["--audio", "{text}", "--prompt", "hi"], "cannot be decoded as audio"),
     (["--audio", "{speech}", "--prompt", "   "], "the prompt is empty"),
     (["--checkpoint", "{tmp}", "--audio", "{speech}", "--prompt", "hi"], "no config.json"),
+    (["--audio", "{speech}", "--prompt", "hi", "--mesh", "data=2,tensor=4"], "needs 8 devices but 1 are available"),
 ])
 def test_bad_input_is_one_line(checkpoint, audio_files, tmp_path, capsys, args, message):
     text = tmp_path / "notes.wav"

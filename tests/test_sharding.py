@@ -55,3 +55,15 @@ def test_rules_split_by_heads_and_replicate_what_does_not_divide():
     assert "kv_heads: 2 units do not split over tensor=4, replicated" in placement.report()
     with pytest.raises(KeyError, match="no entry in af2_jax.sharding.RULES"):
         placement.spec(("made_up",), (4,))
+
+
+def test_infer_cli_on_a_mesh(small_checkpoint, audio_files):
+    env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               AF2_JAX_HOME="/nonexistent-af2-cache")
+    run = subprocess.run([sys.executable, "-m", "af2_jax.infer", "--checkpoint", str(small_checkpoint), "--mesh",
+                          "data=2,tensor=4", "--audio", str(audio_files["speech"]), str(audio_files["stereo"]),
+                          "--prompt", "what is this?", "--max-new-tokens", "4", "--dtype", "float32", "--json"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "mesh: data=2,fsdp=1,tensor=4" in run.stderr and "x8" in run.stderr
+    assert len(run.stdout.splitlines()) == 2

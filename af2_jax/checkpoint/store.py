@@ -157,11 +157,10 @@ def save(model, dst, *, tokenizer=None, dtype=None, overwrite: bool = False, met
 
 def load(path, dtype="bfloat16", mesh=None):
     """Loads a checkpoint written by `python -m af2_jax.convert` as an `AF2Model` whose weights and activations
-    are in `dtype` ("float32" or "bfloat16")."""
+    are in `dtype` ("float32" or "bfloat16"). With a `mesh` (`af2_jax.sharding.make_mesh`), every parameter is
+    restored straight into its shards as the rules table places it: no host holds a full copy."""
     from af2_jax.nn.af2 import AF2Model
 
-    if mesh is not None:
-        raise NotImplementedError("sharded loading arrives with af2_jax.sharding")
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such checkpoint folder; convert the release with "
@@ -179,10 +178,18 @@ def load(path, dtype="bfloat16", mesh=None):
     if missing or extra or wrong:
         raise CheckpointError(f"{folder}: parameters do not match config.json (missing {missing[:5]}, unexpected "
                               f"{extra[:5]}, wrong shape {wrong[:5]}); re-convert the checkpoint")
-    target = nest({p: jax.ShapeDtypeStruct(v.shape, storage_dtype(v, dtype)) for p, v in variables})
+    shardings = {p: None for p, _ in variables}
+    if mesh is not None:
+        from af2_jax.sharding import Placement, format_mesh, variable_sharding
+
+        placement = Placement(mesh, config)
+        shardings = {p: variable_sharding(v, placement) for p, v in variables}
+        log.info("mesh %s: %s", format_mesh(dict(mesh.shape)), placement.report())
+    target = nest({p: jax.ShapeDtypeStruct(v.shape, storage_dtype(v, dtype), sharding=shardings[p])
+                   for p, v in variables})
     restored = flatten(restore_tree(folder / "params", target))
     for p, var in variables:
-        var.set_value(jnp.asarray(restored[p]))
+        var.set_value(restored[p] if mesh is not None else jnp.asarray(restored[p]))
     model = nnx.merge(graphdef, state)
     tokenizer_json = folder / "tokenizer" / "tokenizer.json"
     if tokenizer_json.is_file():
