@@ -1,0 +1,170 @@
+"""`python -m af2_jax.plan`: per-device memory of serving AF2 on a mesh, computed without any weights.
+
+    python -m af2_jax.plan --model af2-3b --mesh tensor=4 --windows 30 --prompt 512 --new 256 --batch 8
+
+Weights and caches are exact: each array's per-device shard, as the rules table of `af2_jax.sharding` places it, times
+its dtype. Temporaries come from XLA's memory analysis of the two compiled generation programs (audio, text),
+compiled for abstract inputs. On a CPU host, XLA computes bfloat16 temporaries in float32, so that figure is an
+upper bound there; a host without enough devices for the mesh gets simulated CPU devices.
+
+Exit codes: 0 it fits (or no --hbm-gb given), 1 it does not fit or the mesh cannot work, 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+from af2_jax.config import PRESETS
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="python -m af2_jax.plan", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="af2-3b", help=f"preset ({', '.join(sorted(PRESETS))}) or config.json")
+    p.add_argument("--mesh", default="tensor=1", help="e.g. 'tensor=4', 'data=2,tensor=4'")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--windows", type=int, default=12, help="10 s windows per clip (30 = 5 minutes)")
+    p.add_argument("--prompt", type=int, default=512, help="prompt tokens")
+    p.add_argument("--new", type=int, default=256, help="new tokens")
+    p.add_argument("--hbm-gb", type=float, help="device memory to check against, in GB (1e9 bytes)")
+    p.add_argument("--no-compile", action="store_true", help="skip the compiled programs' temporaries")
+    return p
+
+
+def _devices_needed(spec: str) -> int:
+    from af2_jax.sharding import parse_mesh_spec
+
+    return math.prod(parse_mesh_spec(spec).values())
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        needed = _devices_needed(args.mesh)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        # Planning needs devices only to lay out the mesh: on a CPU host, simulate as many as the mesh has (this
+        # must happen before JAX starts its backend, which nothing here has done yet).
+        import jax
+
+        jax.config.update("jax_num_cpu_devices", needed)
+    try:
+        report = plan(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(report["table"])
+    return 0 if report["fits"] in (None, True) else 1
+
+
+def _shard_bytes(shape, dtype, sharding) -> int:
+    import numpy as np
+
+    return int(np.prod(sharding.shard_shape(tuple(shape)), dtype=np.int64)) * np.dtype(dtype).itemsize
+
+
+def plan(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from af2_jax.config import AF2Config, preset
+    from af2_jax.generate import bucket_prompt, bucket_rows, bucket_windows
+    from af2_jax.nn.af2 import AF2Model
+    from af2_jax.sharding import Placement, batch_sharding, format_mesh, make_mesh, variable_sharding
+
+    config = preset(args.model) if args.model in PRESETS else AF2Config.from_file(args.model)
+    devices = jax.devices()
+    if jax.devices()[0].platform == "cpu" and len(devices) > _devices_needed(args.mesh):
+        devices = devices[:_devices_needed(args.mesh)]
+    mesh = make_mesh(args.mesh, devices)
+    placement = Placement(mesh, config)
+    dtype = jnp.dtype(args.dtype)
+    abstract = nnx.eval_shape(lambda: AF2Model(config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    weights = 0
+    shardings = {}
+    for path, var in nnx.to_flat_state(state):
+        sharding = variable_sharding(var, placement)
+        shardings[path] = sharding
+        stored = jnp.float32 if isinstance(var, nnx.BatchStat) else dtype
+        weights += _shard_bytes(var.shape, stored, sharding)
+
+    rows = bucket_rows(max(args.batch, mesh.shape["data"] * mesh.shape["fsdp"]))
+    batch_sharding(mesh, rows, 2)  # refuses an indivisible batch with one line
+    windows = bucket_windows(args.windows)
+    prompt = bucket_prompt(args.prompt)
+    lm, xa = config.lm, config.cross_attention
+    data = ("data", "fsdp")
+    kv_split = "tensor" if placement.mesh_axes("kv_heads", lm.num_kv_heads * lm.head_dim) else None
+    xa_split = "tensor" if placement.mesh_axes("xattn_heads", xa.heads * xa.dim_head) else None
+    kv_cache = NamedSharding(mesh, PartitionSpec(None, data, kv_split, None, None))
+    media_kv = NamedSharding(mesh, PartitionSpec(None, data, xa_split, None, None))
+    cache_shape = (lm.num_layers, rows, lm.num_kv_heads, prompt + args.new, lm.head_dim)
+    media_shape = (lm.num_layers, rows, xa.heads, windows * config.htsat.tokens_per_window, xa.dim_head)
+    caches = 2 * _shard_bytes(cache_shape, dtype, kv_cache) + 2 * _shard_bytes(media_shape, dtype, media_kv)
+
+    temporaries = None
+    if not args.no_compile:
+        temporaries = _temporaries(graphdef, state, shardings, mesh, config, rows, windows, prompt, args.new, dtype)
+    total = weights + caches + (temporaries or 0)
+    fits = None if args.hbm_gb is None else total <= args.hbm_gb * 1e9
+    cpu = jax.devices()[0].platform == "cpu"
+    lines = [
+        f"{args.model}, {args.dtype}, mesh {format_mesh(dict(mesh.shape))}; batch {args.batch} (bucket {rows}), "
+        f"{args.windows} windows (bucket {windows}), prompt {args.prompt} (bucket {prompt}), {args.new} new tokens",
+        f"rules: {placement.report()}",
+        "| per device | GB |", "|---|---|",
+        f"| weights | {weights / 1e9:.3f} |",
+        f"| KV cache + cross-attention K/V | {caches / 1e9:.3f} |",
+        f"| weights + caches | {(weights + caches) / 1e9:.3f} |",
+    ]
+    if temporaries is not None:
+        label = "compiled temporaries (CPU upper bound: XLA upcasts bfloat16 there)" if cpu else \
+            "compiled temporaries"
+        lines.append(f"| {label} | {temporaries / 1e9:.3f} |")
+        lines.append(f"| total | {total / 1e9:.3f} |")
+    if fits is not None:
+        lines.append(f"{'fits' if fits else 'does NOT fit'} in {args.hbm_gb:g} GB per device")
+    return {"weights": weights, "caches": caches, "temporaries": temporaries, "fits": fits,
+            "table": "\n".join(lines)}
+
+
+def _temporaries(graphdef, state, shardings, mesh, config, rows, windows, prompt, new, dtype) -> int:
+    """Largest temporary allocation of the audio and text programs, from XLA's memory analysis."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from af2_jax.generate import Sampling, _decode, _encode
+    from af2_jax.sharding import batch_sharding
+
+    def spec(shape, dtype_, sharding=None):
+        return jax.ShapeDtypeStruct(shape, dtype_, sharding=sharding)
+
+    for path, var in nnx.to_flat_state(state):  # the abstract values, now with their shardings
+        var.set_value(spec(var.shape, var.dtype, shardings[path]))
+    abstract_state = state
+    batch = lambda shape, d: spec(shape, d, batch_sharding(mesh, shape[0], len(shape)))  # noqa: E731
+    samples = config.audio.window_samples
+    audio = (abstract_state, batch((rows, windows, samples), jnp.float32), batch((rows, windows), jnp.float32))
+    audio_program = jax.jit(lambda *a: _encode(*a, graphdef=graphdef)).lower(*audio).compile()
+    media_k, media_v, media_mask = jax.eval_shape(lambda *a: _encode(*a, graphdef=graphdef), *audio)
+    text = (abstract_state, spec(media_k.shape, media_k.dtype), spec(media_v.shape, media_v.dtype),
+            batch(media_mask.shape, media_mask.dtype), batch((rows, prompt), jnp.int32),
+            batch((rows, prompt), jnp.int32), jax.random.key(0))
+    statics = dict(graphdef=graphdef, max_new_tokens=new, sampling=Sampling(), eos=config.tokens.eos,
+                   pad=config.tokens.pad)
+    text_program = jax.jit(lambda *a: _decode(*a, **statics)).lower(*text).compile()
+    return max(p.memory_analysis().temp_size_in_bytes for p in (audio_program, text_program))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
