@@ -54,6 +54,11 @@ def main(argv=None) -> int:
     if not args.dry_run and not args.dst:
         parser.error("DST is required (or pass --dry-run)")
     start = time.perf_counter()
+    from af2_jax.distributed import is_main_process, maybe_initialize_distributed
+
+    maybe_initialize_distributed()
+    if not is_main_process():  # conversion is a single-host job: on a pod, process 0 does it
+        return 0
     try:
         if args.export:
             export(args.src, args.dst, overwrite=args.overwrite)

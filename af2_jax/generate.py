@@ -204,6 +204,10 @@ def generate(model, input_ids, attention_mask, audio_x, audio_x_mask, max_new_to
         _STREAM_LISTENER[0] = None
     timings["decode_s"] = time.perf_counter() - start - compile_s
     timings["compile_s"] += compile_s
+    if not tokens.is_fully_addressable:  # a mesh across processes: every process gets every row
+        from jax.experimental import multihost_utils
+
+        tokens, lengths = multihost_utils.process_allgather((tokens, lengths), tiled=True)
     return GenerateOutput(np.asarray(tokens)[:rows], np.asarray(lengths)[:rows], timings)
 
 

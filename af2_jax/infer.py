@@ -63,6 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-windows", type=int, default=12,
                      help=f"10 s windows per clip, 1..{MAX_WINDOWS_LIMIT} (default 12 = 2 minutes, as released)")
     gen.add_argument("--batch-size", type=int, default=8)
+    multi = p.add_argument_group("multi-host (auto-detected on TPU pods and under SLURM)")
+    multi.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0")
+    multi.add_argument("--num-processes", type=int)
+    multi.add_argument("--process-id", type=int)
     out = p.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="print one JSON object per answer")
     out.add_argument("--stream", action="store_true", help="print tokens as they are generated")
@@ -164,6 +168,9 @@ def _sampling(args) -> dict:
 
 def _run(args) -> int:
     import af2_jax
+    from af2_jax.distributed import maybe_initialize_distributed
+
+    maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     from af2_jax.checkpoint.store import read_config
     from af2_jax.pipeline import prepare
 
@@ -187,20 +194,25 @@ def _run(args) -> int:
 
 
 def _run_files(args, model, tokenizer, items) -> int:
+    from af2_jax.distributed import is_main_process
     from af2_jax.pipeline import answer_items
+
+    main = is_main_process()  # every process decodes; only process 0 prints
 
     timings: dict = {}
     if args.stream:
         for path, item in zip(args.audio, items):
-            streamer = _Streamer(tokenizer, item.prompt_ids)
-            print(f"{path}: ", end="", flush=True)
+            streamer = _Streamer(tokenizer, item.prompt_ids) if main else None
+            if main:
+                print(f"{path}: ", end="", flush=True)
             answer_items(model, tokenizer, [item], on_token=streamer, timings=timings, **_sampling(args))
-            print(flush=True)
+            if main:
+                print(flush=True)
     else:
         for first in range(0, len(items), args.batch_size):
             batch = items[first:first + args.batch_size]
             answers = answer_items(model, tokenizer, batch, timings=timings, **_sampling(args))
-            for path, text in zip(args.audio[first:first + args.batch_size], answers):
+            for path, text in zip(args.audio[first:first + args.batch_size], answers if main else []):
                 if args.json:
                     print(json.dumps({"audio": path, "prompt": args.prompt, "answer": text}), flush=True)
                 else:
@@ -258,13 +270,14 @@ def _read_manifest(path: Path) -> list[dict]:
     return items
 
 
-def _done_ids(path: Path) -> set[str]:
-    """Ids already in the output. A last line cut off by a kill is removed so appending stays valid JSONL."""
+def _done_ids(path: Path, repair: bool) -> set[str]:
+    """Ids already in the output. A last line cut off by a kill is ignored, and removed when `repair` (process 0)
+    so appending stays valid JSONL."""
     if not path.exists():
         return set()
     data = path.read_bytes()
     good = data[: data.rfind(b"\n") + 1]  # everything up to the last complete line
-    if len(good) != len(data):
+    if len(good) != len(data) and repair:
         log.warning("%s: dropping an incomplete last line left by an interrupted run", path)
         with open(path, "r+b") as f:
             f.truncate(len(good))
@@ -296,9 +309,12 @@ def _run_manifest(args, model, tokenizer) -> int:
     from af2_jax.pipeline import answer_items, prepare
     from af2_jax.tokenizer import TokenizerError
 
+    from af2_jax.distributed import is_main_process
+
+    main = is_main_process()  # every process decodes every batch; only process 0 writes and shows progress
     items = _read_manifest(Path(args.manifest))
     output = Path(args.output)
-    done = _done_ids(output)
+    done = _done_ids(output, repair=main)
     pending = [it for it in items if it["id"] not in done]
     log.info("manifest: %d item(s), %d already answered in %s, %d to go", len(items), len(items) - len(pending),
              output, len(pending))
@@ -307,7 +323,8 @@ def _run_manifest(args, model, tokenizer) -> int:
         groups.setdefault(bucket_windows(_window_count(it["audio"], args.max_windows)), []).append(it)
     errors, timings = 0, {}
     output.parent.mkdir(parents=True, exist_ok=True)
-    with open(output, "a") as out, tqdm(total=len(pending), unit="item", file=sys.stderr) as bar:
+    with open(output if main else os.devnull, "a") as out, \
+            tqdm(total=len(pending), unit="item", file=sys.stderr, disable=not main) as bar:
         for _, group in sorted(groups.items()):
             for first in range(0, len(group), args.batch_size):
                 batch, prepared, lines = group[first:first + args.batch_size], [], []
