@@ -16,11 +16,52 @@ from flax import nnx  # noqa: E402
 import af2_jax  # noqa: E402
 from af2_jax.checkpoint import load_original  # noqa: E402
 from af2_jax.checkpoint.convert import convert  # noqa: E402
-from af2_jax.config import AF2Config  # noqa: E402
+from af2_jax.config import (AF2Config, AudioTransformerConfig, HTSATConfig, LMConfig,  # noqa: E402
+                            SpecialTokens)
+from af2_jax.nn.af2 import AF2Model  # noqa: E402
 from af2_jax.generate import generate  # noqa: E402
 from af2_jax.sharding import MeshError, Placement, batch_sharding, make_mesh, shard_model  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+# A small random model whose head counts mirror the release: HTSAT 4/8/16/32, audio transformer 8, LM 16 query / 2 KV,
+# cross-attention 8.
+MIRROR = AF2Config(
+    htsat=HTSATConfig(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(4, 8, 16, 32)),
+    audio_transformer=AudioTransformerConfig(d_model=256, n_heads=8, n_layers=2, d_inner=512),
+    lm=LMConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=16,
+                num_kv_heads=2),
+    tokens=SpecialTokens(media=508, end_of_chunk=509, pad=510, sep=511, eos=500))
+
+
+def mirror_model():
+    model = AF2Model(MIRROR, rngs=nnx.Rngs(0))
+    model.layers.xattn.attn_gate.set_value(model.layers.xattn.attn_gate[...] + 0.5)  # let the audio matter
+    model.layers.xattn.ff_gate.set_value(model.layers.xattn.ff_gate[...] + 0.5)
+    return model
+
+
+def check_mirror(mesh, spec: str) -> None:
+    data = mesh.shape["data"] * mesh.shape["fsdp"]
+    rows = max(2, data)
+    rng = np.random.default_rng(0)
+    audio = rng.uniform(-0.5, 0.5, (rows, 2, MIRROR.audio.window_samples)).astype(np.float32)
+    audio_mask = np.ones((rows, 2), np.float32)
+    ids = rng.integers(0, 500, (rows, 12))
+    ids[:, 0] = MIRROR.tokens.media
+    mask = np.ones_like(ids)
+    forward = nnx.jit(lambda m, *a: m.forward_audio_text(*a))
+    single_model = mirror_model()
+    single = np.asarray(forward(single_model, audio, audio_mask, ids, mask))
+    model = shard_model(mirror_model(), mesh)
+    args = [jax.device_put(a, batch_sharding(mesh, rows, a.ndim)) for a in (audio, audio_mask, ids, mask)]
+    err = np.abs(np.asarray(forward(model, *args)) - single).max() / np.abs(single).max()
+    assert err <= 1e-5, (spec, "mirror", err)
+    expected = generate(single_model, ids, mask, audio, audio_mask, max_new_tokens=6).tokens
+    np.testing.assert_array_equal(generate(model, ids, mask, audio, audio_mask, max_new_tokens=6, mesh=mesh).tokens,
+                                  expected)
+    print(f"{spec} (release head counts): relative error {err:.1e}, greedy tokens equal", flush=True)
 
 
 def main(fixture: str, meshes: list[str]) -> None:
@@ -74,6 +115,7 @@ def main(fixture: str, meshes: list[str]) -> None:
             except MeshError as refusal:
                 assert "does not split over data x fsdp" in str(refusal) and "\n" not in str(refusal)
         print(f"{spec}: relative error {err:.1e}, greedy tokens equal, {split}/4 large parameters split", flush=True)
+        check_mirror(mesh, spec)
 
 
 if __name__ == "__main__":

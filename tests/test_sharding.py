@@ -17,7 +17,7 @@ def _check(meshes):
                              capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)),
                              timeout=600)
         assert run.returncode == 0, run.stdout + run.stderr[-3000:]
-        assert run.stdout.count("greedy tokens equal") == len(meshes), run.stdout
+        assert run.stdout.count("greedy tokens equal") == 2 * len(meshes), run.stdout
 
 
 def test_sharded_equals_single_device_on_one_mesh():
