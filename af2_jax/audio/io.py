@@ -91,11 +91,10 @@ def read_audio(path, *, max_seconds: float | None = None, sample_rate: int = 160
         # The original decodes mp3 with pydub and averages the channels.
         mono = data.mean(axis=1)
     else:
-        # Everything else keeps only the first channel, and is scaled into [-1, 1] when it exceeds it.
-        mono = data[:, 0]
-        peak = np.max(np.abs(mono))
-        if peak > 1.0:
-            mono = mono / peak
+        # Everything else is scaled into [-1, 1] when any channel exceeds it (by the peak over all channels, as the
+        # original), then keeps only the first channel.
+        peak = np.max(np.abs(data))
+        mono = data[:, 0] / peak if peak > 1.0 else data[:, 0]
     if file_rate != sample_rate:
         import librosa  # imported lazily: numba compiles on first import
 
