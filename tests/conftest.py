@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import jax
@@ -22,6 +23,8 @@ jax.config.update("jax_default_matmul_precision", "highest")
 jax.config.update("jax_enable_x64", False)
 
 REPO = Path(__file__).resolve().parents[1]
+# The CLIs keep converted releases and compiled programs under AF2_JAX_HOME: never the user's real one in tests.
+os.environ["AF2_JAX_HOME"] = tempfile.mkdtemp(prefix="af2_jax_home_")
 FIXTURES = Path(os.environ.get("AF2_FIXTURES", REPO.parent / "shared" / "fixtures")).resolve()
 
 if not FIXTURES.is_dir():

@@ -16,13 +16,19 @@ from conftest import REPO, pygame_clip_dir
 def checkpoint(small_checkpoint):
     return small_checkpoint
 
-def _env():
-    return dict(os.environ, PYTHONPATH=str(REPO), AF2_JAX_HOME="/nonexistent-af2-cache")
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """An empty AF2_JAX_HOME: no converted release in it, and a fresh compilation cache."""
+    return tmp_path_factory.mktemp("af2_home")
 
 
-def _cli(*args, **kw):
+def _env(home):
+    return dict(os.environ, PYTHONPATH=str(REPO), AF2_JAX_HOME=str(home))
+
+
+def _cli(home, *args, **kw):
     return subprocess.run([sys.executable, "-m", "af2_jax.infer", *map(str, args)], capture_output=True, text=True,
-                          env=_env(), **kw)
+                          env=_env(home), **kw)
 
 
 def test_answer_one_liner(checkpoint, audio_files):
@@ -34,9 +40,9 @@ def test_answer_one_liner(checkpoint, audio_files):
     assert af2_jax.answer(model, tok, windows, "what is said?", max_new_tokens=6) == text
 
 
-def test_cli_answers_real_audio(checkpoint, audio_files):
+def test_cli_answers_real_audio(checkpoint, audio_files, home):
     clip = pygame_clip_dir() / "house_lo.ogg"
-    run = _cli("--checkpoint", checkpoint, "--audio", audio_files["speech"], clip, "--prompt", "What is this?",
+    run = _cli(home, "--checkpoint", checkpoint, "--audio", audio_files["speech"], clip, "--prompt", "What is this?",
                "--max-new-tokens", 6, "--dtype", "float32", "--json")
     assert run.returncode == 0, run.stderr
     lines = [json.loads(line) for line in run.stdout.splitlines()]
@@ -44,9 +50,10 @@ def test_cli_answers_real_audio(checkpoint, audio_files):
     assert all(isinstance(line["answer"], str) for line in lines)
     assert "checkpoint:" in run.stderr and "dtype float32" in run.stderr and "device cpu" in run.stderr
     assert "compile" in run.stderr and "audio encoding" in run.stderr and "decoding" in run.stderr
+    assert any((home / "xla").iterdir())  # compiled programs kept for the next run
 
 
-def test_manifest_resumes_after_a_kill(checkpoint, audio_files, tmp_path):
+def test_manifest_resumes_after_a_kill(checkpoint, audio_files, tmp_path, home):
     clips = [audio_files["speech"], audio_files["long25"], pygame_clip_dir() / "boom.wav",
              pygame_clip_dir() / "punch.wav", audio_files["stereo"], tmp_path / "missing.wav"]
     manifest = tmp_path / "in.jsonl"
@@ -55,7 +62,7 @@ def test_manifest_resumes_after_a_kill(checkpoint, audio_files, tmp_path):
     output = tmp_path / "out.jsonl"
     args = ["--checkpoint", checkpoint, "--manifest", manifest, "--output", output, "--batch-size", 1,
             "--max-new-tokens", 4, "--dtype", "float32"]
-    proc = subprocess.Popen([sys.executable, "-m", "af2_jax.infer", *map(str, args)], env=_env(),
+    proc = subprocess.Popen([sys.executable, "-m", "af2_jax.infer", *map(str, args)], env=_env(home),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline and not (output.exists() and output.read_text().count("\n") >= 2):
@@ -66,7 +73,7 @@ def test_manifest_resumes_after_a_kill(checkpoint, audio_files, tmp_path):
         f.write('{"id": "q5", "aud')
     first = [json.loads(line)["id"] for line in output.read_text().splitlines()[:-1]]
     assert len(first) >= 2
-    run = _cli(*args)
+    run = _cli(home, *args)
     assert run.returncode == 0, run.stderr
     assert f"{len(first)} already answered" in run.stderr and "incomplete last line" in run.stderr
     lines = [json.loads(line) for line in output.read_text().splitlines()]

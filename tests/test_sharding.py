@@ -57,9 +57,9 @@ def test_rules_split_by_heads_and_replicate_what_does_not_divide():
         placement.spec(("made_up",), (4,))
 
 
-def test_infer_cli_on_a_mesh(small_checkpoint, audio_files):
+def test_infer_cli_on_a_mesh(small_checkpoint, audio_files, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               AF2_JAX_HOME="/nonexistent-af2-cache")
+               AF2_JAX_HOME=str(tmp_path / "home"))
     run = subprocess.run([sys.executable, "-m", "af2_jax.infer", "--checkpoint", str(small_checkpoint), "--mesh",
                           "data=2,tensor=4", "--audio", str(audio_files["speech"]), str(audio_files["stereo"]),
                           "--prompt", "what is this?", "--max-new-tokens", "4", "--dtype", "float32", "--json"],
