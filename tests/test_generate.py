@@ -128,3 +128,29 @@ def test_rows_stop_at_their_own_eos(golden):
 def test_buckets():
     assert [bucket_prompt(n) for n in (1, 16, 17, 100, 512)] == [16, 16, 32, 128, 512]
     assert [bucket_windows(n) for n in (1, 3, 12, 13, 30)] == [1, 4, 12, 16, 30]
+
+
+def test_left_padded_batch_equals_the_pytorch_reference(golden):
+    """The fixture's prompts have equal lengths; mixed lengths, left-padded, against the reference decoding with
+    transformers' cache the way the original does."""
+    import torch
+
+    from af2_jax.checkpoint import SafetensorsCheckpoint
+    from reference import AF2Reference
+
+    prompts, clips = _mixed_batch(golden)
+    pad = golden.config.tokens.pad
+    ids, mask, audio, audio_mask = _batch(prompts, clips, pad)
+    width = ids.shape[1]
+    left_ids = np.full_like(ids, pad)
+    left_mask = np.zeros_like(mask)
+    for r, p in enumerate(prompts):
+        left_ids[r, width - len(p):] = p
+        left_mask[r, width - len(p):] = 1
+    ref = AF2Reference(golden.raw_config)
+    ref.load_original(dict(SafetensorsCheckpoint(golden.weights).items()))
+    t = torch.from_numpy
+    expected = ref.generate_greedy(t(left_ids), t(left_mask), t(audio), t(audio_mask), 10, golden.config.tokens.eos,
+                                   pad)[:, width:].numpy()
+    ours = generate(_model(golden), left_ids, left_mask, audio, audio_mask, max_new_tokens=10)
+    np.testing.assert_array_equal(ours.tokens[:, :expected.shape[1]], expected)
