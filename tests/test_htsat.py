@@ -142,3 +142,11 @@ def test_bfloat16_encoder_runs_close_to_float32(golden):
     out = nnx.jit(lambda m, x: m.encode_image(x))(bf16, golden.outputs["htsat_input"])
     assert out.dtype == jax.numpy.bfloat16
     assert rel_err(np.asarray(out, np.float32), golden.outputs["clap_embeds"]) < 0.1
+
+
+def test_missing_conv_kernel_is_named_with_its_pytorch_shape(golden, tmp_path):
+    path = _write_variant(golden, tmp_path, lambda t: t.pop("clap.nvclap.patch_embed.proj.weight"))
+    embed, patch = golden.config.htsat.embed_dim, golden.config.htsat.patch_size
+    with pytest.raises(CheckpointError, match=re.escape(f"missing: clap.nvclap.patch_embed.proj.weight "
+                                                        f"({embed}, 1, {patch}, {patch})")):
+        load_htsat(path, golden.config)

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from af2_jax.checkpoint import keymap, store
-from af2_jax.checkpoint.load import check_constants, plan, is_stacked, resolve_aliases, slot_shapes
+from af2_jax.checkpoint.load import checked_report, is_stacked, plan, slot_shapes, slot_values
 from af2_jax.checkpoint.reader import CheckpointError, SafetensorsCheckpoint, write_safetensors
 from af2_jax.config import PRESETS, AF2Config, preset
 
@@ -115,24 +115,14 @@ def convert(src, dst, model=None, dtype="bfloat16", *, overwrite=False, allow_al
     ckpt = open_source(src)
     config = resolve_config(model, ckpt)
     variables = store.model_variables(_abstract_model(config))
-    report = plan(ckpt, slot_shapes(variables), config, what="the AF2 model")
     atomic = store.AtomicFolder(dst, overwrite)  # refuse an existing DST before any heavy work
-    check_constants(ckpt, report, config)
-    resolve_aliases(ckpt, report, allow_mismatch=allow_alias_mismatch)
+    report = checked_report(ckpt, variables, config, what="the AF2 model",
+                            allow_alias_mismatch=allow_alias_mismatch)
     params = {}
-    for path, var in variables:
-        out_dtype = store.storage_dtype(var, dtype)
-        if is_stacked(path):
-            value = np.empty(tuple(var.shape), out_dtype)
-            for i in range(var.shape[0]):
-                name, transform = report.assignments[f"{path}[{i}]"]
-                value[i] = transform.to_jax(ckpt.get(name)).astype(out_dtype)
-        else:
-            name, transform = report.assignments[path]
-            value = transform.to_jax(ckpt.get(name)).astype(out_dtype)
+    for path, _, value in slot_values(variables, report, ckpt.get, lambda var: store.storage_dtype(var, dtype)):
         # Hand Orbax device arrays: given numpy, it copies the whole tree to the device before writing.
         params[path] = jax.device_put(value)
-        del value
+        del value  # peak memory: the output plus one tensor
     unused = {name: ckpt.get(name) for name in report.dead}
     log.info("kept aside, unused at inference (%d tensors, restored by --export): %s", len(unused),
              ", ".join(sorted(unused)))
@@ -181,7 +171,7 @@ def export(src, dst, *, overwrite=False, chunk_bytes: int = DEFAULT_CHUNK_BYTES)
         for i in (range(var.shape[0]) if stacked else [None]):
             slot = f"{path}[{i}]" if stacked else path
             name, transform = keymap.to_source(slot)
-            shape = _torch_shape(transform, tuple(var.shape[1:] if stacked else var.shape))
+            shape = transform.to_torch_shape(tuple(var.shape[1:] if stacked else var.shape))
 
             def produce(path=path, i=i, transform=transform):
                 value = params[path] if i is None else params[path][i]
@@ -214,15 +204,6 @@ def export(src, dst, *, overwrite=False, chunk_bytes: int = DEFAULT_CHUNK_BYTES)
         (safe / "metadata.json").write_text(json.dumps({c: [e[0] for e in es] for c, es in chunks.items()}))
     log.info("exported %s -> %s (%d tensors in %d chunk(s))", src, dst, len(entries), len(chunks))
     return Path(dst)
-
-
-def _torch_shape(transform: keymap.Transform, jax_shape: tuple[int, ...]) -> tuple[int, ...]:
-    if transform is keymap.CONV2D:
-        kh, kw, i, o = jax_shape
-        return (o, i, kh, kw)
-    if transform is keymap.LINEAR:
-        return jax_shape[::-1]
-    return jax_shape
 
 
 def _constant_buffers(config: AF2Config):

@@ -8,6 +8,7 @@ the reference inference code; `clap.afclap.` (training code) is accepted and nor
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Callable
 
@@ -27,14 +28,29 @@ class Transform:
     to_jax: Callable[[np.ndarray], np.ndarray]
     to_torch: Callable[[np.ndarray], np.ndarray]
     to_jax_shape: Callable[[tuple], tuple]
+    to_torch_shape: Callable[[tuple], tuple]
 
 
-IDENTITY = Transform("identity", lambda w: w, lambda w: w, lambda s: tuple(s))
+IDENTITY = Transform("identity", lambda w: w, lambda w: w, tuple, tuple)
 # nn.Linear stores (out, in); nnx.Linear's kernel is (in, out).
-LINEAR = Transform("linear", lambda w: w.T, lambda w: w.T, lambda s: tuple(s)[::-1])
+LINEAR = Transform("linear", lambda w: w.T, lambda w: w.T, lambda s: tuple(s)[::-1], lambda s: tuple(s)[::-1])
 # nn.Conv2d stores (out, in, kh, kw); nnx.Conv's kernel is (kh, kw, in, out).
 CONV2D = Transform("conv2d", lambda w: w.transpose(2, 3, 1, 0), lambda w: w.transpose(3, 2, 0, 1),
-                   lambda s: (s[2], s[3], s[1], s[0]))
+                   lambda s: (s[2], s[3], s[1], s[0]), lambda s: (s[3], s[2], s[0], s[1]))
+
+
+@functools.lru_cache(maxsize=None)
+def template_regex(template: str) -> re.Pattern:
+    """A name template as a regex: `{rest}` matches any dotted tail, every other `{field}` a decimal index."""
+    escaped = re.escape(template).replace(r"\{", "{").replace(r"\}", "}")
+    escaped = escaped.replace("{rest}", "(?P<rest>.+)")
+    return re.compile(re.sub(r"{(\w+)}", r"(?P<\1>\\d+)", escaped))
+
+
+def _rewrite(name: str, pattern: str, replacement: str) -> str | None:
+    """`name` matched against template `pattern` and rewritten into template `replacement`, else None."""
+    m = template_regex(pattern).fullmatch(name)
+    return replacement.format(**m.groupdict()) if m else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,17 +59,11 @@ class Rule:
     target: str  # NNX path template (dot-separated)
     transform: Transform = IDENTITY
 
-    def _regex(self, template: str) -> re.Pattern:
-        escaped = re.escape(template).replace(r"\{", "{").replace(r"\}", "}")
-        return re.compile(re.sub(r"{(\w+)}", r"(?P<\1>\\d+)", escaped))
-
     def match_source(self, name: str) -> str | None:
-        m = self._regex(self.source).fullmatch(name)
-        return self.target.format(**m.groupdict()) if m else None
+        return _rewrite(name, self.source, self.target)
 
     def match_target(self, path: str) -> str | None:
-        m = self._regex(self.target).fullmatch(path)
-        return self.source.format(**m.groupdict()) if m else None
+        return _rewrite(path, self.target, self.source)
 
 
 _ENC = CANONICAL_CLAP_PREFIX
@@ -153,30 +163,16 @@ ALIASES: tuple[tuple[str, str], ...] = (
     ("lang_encoder.gated_cross_attn_layers_sound.{i}.{rest}",
      "lang_encoder.model.layers.{i}.gated_cross_attn_layer_sound.{rest}"),
 )
-_ALIAS_REGEX = tuple(
-    (re.compile(re.escape(a).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{rest\}", r"(?P<rest>.+)")), c)
-    for a, c in ALIASES)
 
 
 def alias_twin(name: str) -> str | None:
     """The canonical name an alias key duplicates, or None if `name` is no alias."""
-    for regex, canonical in _ALIAS_REGEX:
-        m = regex.fullmatch(name)
-        if m:
-            return canonical.format(**m.groupdict())
-    return None
+    return next((twin for alias, canonical in ALIASES if (twin := _rewrite(name, alias, canonical))), None)
 
 
 def aliases_of(canonical: str) -> list[str]:
     """Alias names a full state_dict holds for a canonical name (for export)."""
-    out = []
-    for alias, template in ALIASES:
-        pattern = re.compile(re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{rest\}",
-                                                                                          r"(?P<rest>.+)"))
-        m = pattern.fullmatch(canonical)
-        if m:
-            out.append(alias.format(**m.groupdict()))
-    return out
+    return [alias for template, canon in ALIASES if (alias := _rewrite(canonical, canon, template))]
 
 
 # Buffers that are pure functions of the configuration: recomputed by the model, checked equal to the file.

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 import jax.numpy as jnp
 import numpy as np
@@ -27,7 +26,6 @@ HTSAT_ROOT = "audio_encoder"
 # Top-level attributes of AF2Model whose parameters carry a leading `layers` axis.
 STACKED_ROOTS = ("layers",)
 _MAX_LISTED = 8
-_SLOT = re.compile(r"(.+)\[(\d+)\]")
 _COMPARE_CHUNK_BYTES = 64 << 20
 
 
@@ -130,7 +128,7 @@ def map_names(source_shapes: Mapping[str, tuple[int, ...]], target_shapes: Mappi
         target, transform = mapped
         if transform.to_jax_shape(shape) != target_shapes[target]:
             report.shape_errors.append(
-                f"{name} is {shape}, expected {transform.to_jax_shape(target_shapes[target])}")
+                f"{name} is {shape}, expected {transform.to_torch_shape(target_shapes[target])}")
             continue
         report.assignments[target] = (name, transform)
     for target, shape in target_shapes.items():
@@ -142,7 +140,7 @@ def map_names(source_shapes: Mapping[str, tuple[int, ...]], target_shapes: Mappi
             continue
         name, transform = source
         if not any(bad.startswith(name + " ") for bad in report.shape_errors):
-            report.missing.append(f"{name} {transform.to_jax_shape(shape)}")
+            report.missing.append(f"{name} {transform.to_torch_shape(shape)}")
     return report
 
 
@@ -201,9 +199,19 @@ def check_constants(ckpt: SafetensorsCheckpoint, report: MappingReport, config: 
                                   "the checkpoint was made with a different configuration")
 
 
-def fill(variables: list[tuple[str, nnx.Variable]], report: MappingReport,
-         read: Callable[[str], np.ndarray], dtype_of: Callable[[nnx.Variable], np.dtype]) -> None:
-    """Sets every variable from its mapped source tensor(s), stacking per-layer slots."""
+def checked_report(ckpt: SafetensorsCheckpoint, variables, config: AF2Config, *, scope=("",),
+                   what: str = "the checkpoint", allow_alias_mismatch: bool = False) -> MappingReport:
+    """Everything checked before any weight is used: names and shapes (headers), constant buffers, alias twins."""
+    report = plan(ckpt, slot_shapes(variables), config, scope=scope, what=what)
+    check_constants(ckpt, report, config)
+    resolve_aliases(ckpt, report, allow_mismatch=allow_alias_mismatch)
+    return report
+
+
+def slot_values(variables, report: MappingReport, read: Callable[[str], np.ndarray],
+                dtype_of: Callable[[nnx.Variable], np.dtype]) -> Iterator[tuple[str, nnx.Variable, np.ndarray]]:
+    """(path, variable, value) with each value built from its mapped source tensor(s), per-layer slots stacked;
+    one variable's value at a time."""
     for path, var in variables:
         dtype = dtype_of(var)
         if is_stacked(path):
@@ -214,7 +222,8 @@ def fill(variables: list[tuple[str, nnx.Variable]], report: MappingReport,
         else:
             name, transform = report.assignments[path]
             value = transform.to_jax(read(name)).astype(dtype)
-        var.set_value(jnp.asarray(value))
+        yield path, var, value
+        del value  # so the caller's copy is the only one left
 
 
 def load_into(abstract: nnx.Module, source, config: AF2Config, *, root: str = "", scope=("",),
@@ -222,12 +231,11 @@ def load_into(abstract: nnx.Module, source, config: AF2Config, *, root: str = ""
     """Materialises `abstract` (from `nnx.eval_shape`) with original weights from `source`."""
     ckpt = source if isinstance(source, SafetensorsCheckpoint) else SafetensorsCheckpoint(source)
     graphdef, state = nnx.split(abstract)
-    prefix = root + "." if root else ""
-    variables = state_variables(state, prefix)
-    report = plan(ckpt, slot_shapes(variables), config, scope=scope, what=what)
-    check_constants(ckpt, report, config)
-    resolve_aliases(ckpt, report, allow_mismatch=allow_alias_mismatch)
-    fill(variables, report, ckpt.get, lambda var: np.dtype(var.dtype))
+    variables = state_variables(state, root + "." if root else "")
+    report = checked_report(ckpt, variables, config, scope=scope, what=what,
+                            allow_alias_mismatch=allow_alias_mismatch)
+    for _, var, value in slot_values(variables, report, ckpt.get, lambda var: np.dtype(var.dtype)):
+        var.set_value(jnp.asarray(value))
     return nnx.merge(graphdef, state)
 
 
