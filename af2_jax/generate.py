@@ -246,21 +246,26 @@ def _pad_rows(count: int, ids, mask, audio, audio_mask):
             np.concatenate([audio_mask, np.zeros((extra, audio_mask.shape[1]), audio_mask.dtype)]))
 
 
+def left_pad(prompts, pad: int, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Token lists -> `(B, width)` ids and mask, each row's tokens at the right end (left padding). `width`
+    defaults to the longest prompt."""
+    width = max(map(len, prompts)) if width is None else width
+    ids = np.full((len(prompts), width), pad, np.int32)
+    mask = np.zeros((len(prompts), width), np.int32)
+    for row, tokens in enumerate(prompts):
+        ids[row, width - len(tokens):] = tokens
+        mask[row, width - len(tokens):] = 1
+    return ids, mask
+
+
 def _left_pad(ids: np.ndarray, mask: np.ndarray, pad: int) -> tuple[np.ndarray, np.ndarray]:
-    """Moves every row's real tokens to the right end of a bucket-sized row (left padding)."""
+    """Moves every row's real tokens to the right end of a bucket-sized row."""
     if ids.shape != mask.shape or ids.ndim != 2:
         raise ValueError(f"input_ids {ids.shape} and attention_mask {mask.shape} must both be (B, T)")
-    lengths = (mask != 0).sum(axis=1)
-    if (lengths == 0).any():
+    prompts = [row[keep != 0] for row, keep in zip(ids, mask)]
+    if not all(len(p) for p in prompts):
         raise ValueError("every row needs at least one prompt token")
-    width = bucket_prompt(int(lengths.max()))
-    out_ids = np.full((ids.shape[0], width), pad, np.int32)
-    out_mask = np.zeros((ids.shape[0], width), np.int32)
-    for row in range(ids.shape[0]):
-        real = ids[row][mask[row] != 0]
-        out_ids[row, width - len(real):] = real
-        out_mask[row, width - len(real):] = 1
-    return out_ids, out_mask
+    return left_pad(prompts, pad, bucket_prompt(max(map(len, prompts))))
 
 
 def _pad_windows(audio: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -143,29 +143,26 @@ def main(argv=None) -> int:
         return 1
 
 
-def _load(args, path: Path, why: str):
+def _load(args, path: Path, why: str, mesh):
     import jax
 
     import af2_jax
+    from af2_jax.sharding import format_mesh
 
-    from af2_jax.sharding import format_mesh, make_mesh
-
-    mesh = make_mesh(args.mesh) if args.mesh else None
     start = time.perf_counter()
     model = af2_jax.load(path, dtype=args.dtype, mesh=mesh)
     device = jax.devices()[0]
     log.info("checkpoint: %s (%s); dtype %s; device %s (%s) x%d; mesh: %s; loaded in %.1f s",
              path, why, args.dtype, device.platform, device.device_kind, jax.device_count(),
              format_mesh(dict(mesh.shape)) if mesh else "none (single device)", time.perf_counter() - start)
-    args.mesh_object = mesh
     return model
 
 
-def _sampling(args) -> dict:
+def _sampling(args, mesh) -> dict:
     import jax
 
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, key=jax.random.key(args.seed), mesh=getattr(args, "mesh_object", None))
+                top_p=args.top_p, key=jax.random.key(args.seed), mesh=mesh)
 
 
 def _enable_compilation_cache() -> None:
@@ -186,10 +183,10 @@ def _run(args) -> int:
     from af2_jax.checkpoint.store import read_config
     from af2_jax.pipeline import prepare
 
-    if args.mesh:  # a mesh that cannot work is refused before anything is loaded or compiled
-        from af2_jax.sharding import make_mesh
+    from af2_jax.sharding import make_mesh
 
-        make_mesh(args.mesh)
+    # A mesh that cannot work is refused before anything is loaded or compiled.
+    mesh = make_mesh(args.mesh) if args.mesh else None
     path, why = resolve_checkpoint(args)
     config, _ = read_config(path)
     tokenizer = af2_jax.load_tokenizer(path, config.tokens)
@@ -199,13 +196,14 @@ def _run(args) -> int:
         items = [prepare(tokenizer, audio, args.prompt, args.max_windows) for audio in args.audio]
         log.info("audio: %d file(s), %d window(s) loaded in %.2f s", len(items),
                  sum(it.windows.shape[0] for it in items), time.perf_counter() - start)
-    model = _load(args, path, why)
+    model = _load(args, path, why, mesh)
+    sampling = _sampling(args, mesh)
     if args.manifest:
-        return _run_manifest(args, model, tokenizer)
-    return _run_files(args, model, tokenizer, items)
+        return _run_manifest(args, model, tokenizer, sampling)
+    return _run_files(args, model, tokenizer, items, sampling)
 
 
-def _run_files(args, model, tokenizer, items) -> int:
+def _run_files(args, model, tokenizer, items, sampling: dict) -> int:
     from af2_jax.distributed import is_main_process
     from af2_jax.pipeline import answer_items
 
@@ -217,13 +215,13 @@ def _run_files(args, model, tokenizer, items) -> int:
             streamer = _Streamer(tokenizer, item.prompt_ids) if main else None
             if main:
                 print(f"{path}: ", end="", flush=True)
-            answer_items(model, tokenizer, [item], on_token=streamer, timings=timings, **_sampling(args))
+            answer_items(model, tokenizer, [item], on_token=streamer, timings=timings, **sampling)
             if main:
                 print(flush=True)
     else:
         for first in range(0, len(items), args.batch_size):
             batch = items[first:first + args.batch_size]
-            answers = answer_items(model, tokenizer, batch, timings=timings, **_sampling(args))
+            answers = answer_items(model, tokenizer, batch, timings=timings, **sampling)
             for path, text in zip(args.audio[first:first + args.batch_size], answers if main else []):
                 if args.json:
                     print(json.dumps({"audio": path, "prompt": args.prompt, "answer": text}), flush=True)
@@ -313,7 +311,7 @@ def _window_count(path: str, max_windows: int) -> int:
     return max(1, min(max_windows, math.ceil(seconds / 10.0)))
 
 
-def _run_manifest(args, model, tokenizer) -> int:
+def _run_manifest(args, model, tokenizer, sampling: dict) -> int:
     from tqdm import tqdm
 
     from af2_jax.audio.io import AudioError
@@ -349,7 +347,7 @@ def _run_manifest(args, model, tokenizer) -> int:
                                       "error": str(err)})
                 if prepared:
                     answers = answer_items(model, tokenizer, [p for _, p in prepared], timings=timings,
-                                           **_sampling(args))
+                                           **sampling)
                     lines += [{"id": it["id"], "audio": it["audio"], "prompt": it["prompt"], "answer": text}
                               for (it, _), text in zip(prepared, answers)]
                 out.write("".join(json.dumps(line) + "\n" for line in lines))

@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from af2_jax.audio.io import collate_windows, load_windows
-from af2_jax.generate import bucket_windows, generate
+from af2_jax.generate import generate, left_pad
 
 
 @dataclasses.dataclass
@@ -34,15 +34,9 @@ def answer_items(model, tokenizer, items: Sequence[Item], *, max_new_tokens: int
                  timings: dict | None = None, mesh=None) -> list[str]:
     """Answers for a batch of prepared items (one generate call). `on_token(step, tokens)` streams; `timings`, if
     given, accumulates the compile / audio-encode / decode seconds."""
-    pad = model.config.tokens.pad
-    audio, audio_mask = collate_windows([(it.windows, it.window_mask) for it in items],
-                                        pad_to=bucket_windows(max(it.windows.shape[0] for it in items)))
-    width = max(len(it.prompt_ids) for it in items)
-    ids = np.full((len(items), width), pad, np.int32)
-    mask = np.zeros((len(items), width), np.int32)
-    for row, it in enumerate(items):
-        ids[row, width - len(it.prompt_ids):] = it.prompt_ids
-        mask[row, width - len(it.prompt_ids):] = 1
+    # generate() buckets the prompt length, the window count and the rows itself.
+    audio, audio_mask = collate_windows([(it.windows, it.window_mask) for it in items])
+    ids, mask = left_pad([it.prompt_ids for it in items], model.config.tokens.pad)
     out = generate(model, ids, mask, audio, audio_mask, max_new_tokens=max_new_tokens, temperature=temperature,
                    top_k=top_k, top_p=top_p, key=key, on_token=on_token, mesh=mesh)
     if timings is not None:

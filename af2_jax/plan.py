@@ -73,7 +73,6 @@ def plan(args) -> dict:
     import jax
     import jax.numpy as jnp
     from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec
 
     from af2_jax.config import AF2Config, preset
     from af2_jax.generate import bucket_prompt, bucket_rows, bucket_windows
@@ -102,13 +101,11 @@ def plan(args) -> dict:
     windows = bucket_windows(args.windows)
     prompt = bucket_prompt(args.prompt)
     lm, xa = config.lm, config.cross_attention
-    data = ("data", "fsdp")
-    kv_split = "tensor" if placement.mesh_axes("kv_heads", lm.num_kv_heads * lm.head_dim) else None
-    xa_split = "tensor" if placement.mesh_axes("xattn_heads", xa.heads * xa.dim_head) else None
-    kv_cache = NamedSharding(mesh, PartitionSpec(None, data, kv_split, None, None))
-    media_kv = NamedSharding(mesh, PartitionSpec(None, data, xa_split, None, None))
+    # Caches are head-major, (layers, batch, heads, length, head_dim), placed by the same rules as the weights.
     cache_shape = (lm.num_layers, rows, lm.num_kv_heads, prompt + args.new, lm.head_dim)
     media_shape = (lm.num_layers, rows, xa.heads, windows * config.htsat.tokens_per_window, xa.dim_head)
+    kv_cache = placement.sharding(("layers", "batch", "kv_heads", "length", "head_dim"), cache_shape)
+    media_kv = placement.sharding(("layers", "batch", "xattn_heads", "audio_tokens", "head_dim"), media_shape)
     caches = 2 * _shard_bytes(cache_shape, dtype, kv_cache) + 2 * _shard_bytes(media_shape, dtype, media_kv)
 
     temporaries = None

@@ -35,6 +35,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "windows": ("data", "fsdp"),
     "length": (),
     "audio_tokens": (),
+    "head_dim": (),
     # LM and cross-attention parameters
     "layers": (),
     "vocab": ("tensor",),
