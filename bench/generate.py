@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 from af2_jax.config import AF2Config, AudioTransformerConfig, HTSATConfig, LMConfig, preset  # noqa: E402
-from af2_jax.generate import compiled_programs, generate  # noqa: E402
+from af2_jax.generate import compiled_programs, generate, left_pad  # noqa: E402
 
 SMALL = AF2Config(
     htsat=HTSATConfig(embed_dim=64, depths=(2, 2, 6, 2), num_heads=(2, 4, 8, 16)),
@@ -178,12 +178,7 @@ def count_manifest_compilations(model, items=50, batch_size=8, new_tokens=8):
         for first in range(0, len(prompts), batch_size):
             chunk = prompts[first:first + batch_size]
             audio = np.zeros((len(chunk), windows, config.audio.window_samples), np.float32)
-            width = max(chunk)
-            ids = np.full((len(chunk), width), config.tokens.pad)
-            mask = np.zeros((len(chunk), width), np.int64)
-            for r, p in enumerate(chunk):
-                ids[r, -p:] = 100
-                mask[r, -p:] = 1
+            ids, mask = left_pad([[100] * p for p in chunk], config.tokens.pad)
             generate(model, ids, mask, audio, np.ones((len(chunk), windows), np.float32), max_new_tokens=new_tokens)
     return compiled_programs() - before, len(groups)
 

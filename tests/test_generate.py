@@ -5,7 +5,7 @@ import pytest
 from flax import nnx
 
 from af2_jax.checkpoint import load_original
-from af2_jax.generate import bucket_prompt, bucket_windows, generate
+from af2_jax.generate import bucket_prompt, bucket_windows, generate, left_pad
 
 _CACHE = {}
 
@@ -140,13 +140,9 @@ def test_left_padded_batch_equals_the_pytorch_reference(golden):
 
     prompts, clips = _mixed_batch(golden)
     pad = golden.config.tokens.pad
-    ids, mask, audio, audio_mask = _batch(prompts, clips, pad)
-    width = ids.shape[1]
-    left_ids = np.full_like(ids, pad)
-    left_mask = np.zeros_like(mask)
-    for r, p in enumerate(prompts):
-        left_ids[r, width - len(p):] = p
-        left_mask[r, width - len(p):] = 1
+    _, _, audio, audio_mask = _batch(prompts, clips, pad)
+    left_ids, left_mask = left_pad(prompts, pad)
+    width = left_ids.shape[1]
     ref = AF2Reference(golden.raw_config)
     ref.load_original(dict(SafetensorsCheckpoint(golden.weights).items()))
     t = torch.from_numpy
