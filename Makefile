@@ -19,10 +19,9 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) install -q -c constraints.txt -e ".[test]"
 	touch $@
 
-# Until inference lands, the main job loads the bundled clip and runs the audio encoder (release size, random
-# weights) on it, printing the shapes at every stage.
+# The main job: the embedded demo model answers a question about the bundled clip.
 demo: $(VENV)/.installed
-	$(PY) -m af2_jax.audio $(EXAMPLE)
+	$(PY) -m af2_jax.infer --audio $(EXAMPLE) --prompt "How many beeps are there?"
 
 # Debian packages the tests use to make real audio (speech, tones, noise, mp3).
 system-deps:

@@ -106,6 +106,10 @@ class CrossAttentionConfig:
     ff_mult: int = 4
     every_n_layers: int = 1
     layer_norm_eps: float = 1e-5
+    # Initial value of both tanh gates of a freshly initialised block. The original starts at 0, so a new block
+    # leaves the pretrained LM unchanged; a model trained from scratch (the demo) starts them open instead, because
+    # a closed gate also blocks the gradient to everything behind it.
+    gate_init: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)

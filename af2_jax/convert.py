@@ -41,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.add_argument("--allow-alias-mismatch", action="store_true",
                    help="if an alias key differs from its twin, use the alias (what the original loader keeps)")
+    p.add_argument("--mesh", help="lay the stored chunks out as the shards of this mesh (e.g. tensor=4, on this "
+                                  "host's devices), so that loading onto it reads whole chunks")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -67,7 +69,7 @@ def main(argv=None) -> int:
             print(f"dry run OK: {result.summary(args.dtype)}")
         else:
             convert(args.src, args.dst, args.model, args.dtype, overwrite=args.overwrite,
-                    allow_alias_mismatch=args.allow_alias_mismatch)
+                    allow_alias_mismatch=args.allow_alias_mismatch, mesh=args.mesh)
     except (CheckpointError, ValueError, OSError) as err:
         if args.debug:
             raise

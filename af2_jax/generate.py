@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from af2_jax.sharding import activation_sharding
+
 WINDOW_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 30)
 MIN_PROMPT_BUCKET = 16
 
@@ -120,7 +122,8 @@ def _decode(state, media_k, media_v, media_mask, input_ids, attention_mask, key,
     next_position = positions[:, -1] + 1
 
     prefill_mask = (slots[None, None, :] <= jnp.arange(prompt_len)[None, :, None]) & key_valid[:, None, :]
-    hidden, cache = model.cached_step(input_ids, positions, prefill_mask, media_k, media_v, media_mask,
+    layers = model.decode_layers(media_k, media_v)
+    hidden, cache = model.cached_step(input_ids, positions, prefill_mask, layers, media_mask,
                                       model.init_cache(b, total), 0)
     key, step_key = jax.random.split(key)
     first = sample(model.logits(hidden[:, -1]), step_key, sampling)
@@ -140,8 +143,8 @@ def _decode(state, media_k, media_v, media_mask, input_ids, attention_mask, key,
         last = tokens[:, step - 1]
         slot = prompt_len + step - 1
         mask = (slots[None, None, :] <= slot) & key_valid[:, None, :]
-        hidden, cache = model.cached_step(last[:, None], (next_position + step - 1)[:, None], mask, media_k,
-                                          media_v, media_mask, cache, slot)
+        hidden, cache = model.cached_step(last[:, None], (next_position + step - 1)[:, None], mask, layers,
+                                          media_mask, cache, slot)
         key, step_key = jax.random.split(key)
         token = sample(model.logits(hidden[:, 0]), step_key, sampling)
         token = jnp.where(done, pad, token)
@@ -189,14 +192,16 @@ def generate(model, input_ids, attention_mask, audio_x, audio_x_mask, max_new_to
     graphdef, state = nnx.split(model)
     timings = {"compile_s": 0.0}
     start = time.perf_counter()
-    encode, timings["compile_s"] = _compiled(_encode, (state, audio, audio_mask), {"graphdef": graphdef})
+    with activation_sharding(mesh, model.config):
+        encode, timings["compile_s"] = _compiled(_encode, (state, audio, audio_mask), {"graphdef": graphdef})
     media_k, media_v, media_mask = jax.block_until_ready(encode(state, audio, audio_mask))
     timings["encode_s"] = time.perf_counter() - start - timings["compile_s"]
     args = (state, media_k, media_v, media_mask, ids, mask, key if key is not None else jax.random.key(0))
     statics = {"graphdef": graphdef, "max_new_tokens": int(max_new_tokens), "sampling": sampling, "eos": eos,
                "pad": pad, "stream": on_token is not None}
     start = time.perf_counter()
-    decode, compile_s = _compiled(_decode, args, statics)
+    with activation_sharding(mesh, model.config):
+        decode, compile_s = _compiled(_decode, args, statics)
     _STREAM_LISTENER[0] = on_token
     try:
         tokens, lengths = jax.block_until_ready(decode(*args))

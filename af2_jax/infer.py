@@ -62,8 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int)
     gen.add_argument("--top-p", type=float)
     gen.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling")
-    gen.add_argument("--max-windows", type=int, default=12,
-                     help=f"10 s windows per clip, 1..{MAX_WINDOWS_LIMIT} (default 12 = 2 minutes, as released)")
+    gen.add_argument("--max-windows", type=int,
+                     help=f"windows per clip (10 s each in AF2), 1..{MAX_WINDOWS_LIMIT}; default: the model's "
+                          "(12 = 2 minutes for the release)")
     gen.add_argument("--batch-size", type=int, default=8)
     multi = p.add_argument_group("multi-host (auto-detected on TPU pods and under SLURM)")
     multi.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0")
@@ -91,7 +92,7 @@ def _check_args(p: argparse.ArgumentParser, args) -> None:
         p.error("--stream prints plain text for --audio mode; it does not combine with --manifest or --json")
     if args.checkpoint and args.download:
         p.error("--checkpoint and --download both choose the checkpoint; pass one")
-    if not 1 <= args.max_windows <= MAX_WINDOWS_LIMIT:
+    if args.max_windows is not None and not 1 <= args.max_windows <= MAX_WINDOWS_LIMIT:
         p.error(f"--max-windows must be in 1..{MAX_WINDOWS_LIMIT}")
     if args.max_new_tokens < 1 or args.batch_size < 1:
         p.error("--max-new-tokens and --batch-size must be >= 1")
@@ -193,7 +194,7 @@ def _run(args) -> int:
     items = None
     if args.audio:  # read every input before the (slow) model load, so a bad file fails at once
         start = time.perf_counter()
-        items = [prepare(tokenizer, audio, args.prompt, args.max_windows) for audio in args.audio]
+        items = [prepare(tokenizer, audio, args.prompt, args.max_windows, config.audio) for audio in args.audio]
         log.info("audio: %d file(s), %d window(s) loaded in %.2f s", len(items),
                  sum(it.windows.shape[0] for it in items), time.perf_counter() - start)
     model = _load(args, path, why, mesh)
@@ -298,7 +299,7 @@ def _done_ids(path: Path, repair: bool) -> set[str]:
     return done
 
 
-def _window_count(path: str, max_windows: int) -> int:
+def _window_count(path: str, max_windows: int, window_seconds: float) -> int:
     """Windows a file will need (from its header; 1 if it cannot be read, the error surfaces when it is loaded)."""
     import math
 
@@ -308,7 +309,7 @@ def _window_count(path: str, max_windows: int) -> int:
         seconds = soundfile.info(path).duration
     except Exception:
         return 1
-    return max(1, min(max_windows, math.ceil(seconds / 10.0)))
+    return max(1, min(max_windows, math.ceil(seconds / window_seconds)))
 
 
 def _run_manifest(args, model, tokenizer, sampling: dict) -> int:
@@ -329,8 +330,11 @@ def _run_manifest(args, model, tokenizer, sampling: dict) -> int:
     log.info("manifest: %d item(s), %d already answered in %s, %d to go", len(items), len(items) - len(pending),
              output, len(pending))
     groups: dict[int, list[dict]] = {}
+    audio_config = model.config.audio
+    max_windows = args.max_windows or audio_config.max_windows
     for it in pending:  # batch clips of similar length together: one compiled shape per bucket
-        groups.setdefault(bucket_windows(_window_count(it["audio"], args.max_windows)), []).append(it)
+        count = _window_count(it["audio"], max_windows, audio_config.window_seconds)
+        groups.setdefault(bucket_windows(count), []).append(it)
     errors, timings = 0, {}
     output.parent.mkdir(parents=True, exist_ok=True)
     with open(output if main else os.devnull, "a") as out, \
@@ -340,7 +344,8 @@ def _run_manifest(args, model, tokenizer, sampling: dict) -> int:
                 batch, prepared, lines = group[first:first + args.batch_size], [], []
                 for it in batch:
                     try:
-                        prepared.append((it, prepare(tokenizer, it["audio"], it["prompt"], args.max_windows)))
+                        prepared.append((it, prepare(tokenizer, it["audio"], it["prompt"], args.max_windows,
+                                                     audio_config)))
                     except (AudioError, TokenizerError) as err:
                         errors += 1
                         lines.append({"id": it["id"], "audio": it["audio"], "prompt": it["prompt"],

@@ -8,6 +8,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from af2_jax.audio.io import collate_windows, load_windows
+from af2_jax.config import AudioConfig
 from af2_jax.generate import generate, left_pad
 
 
@@ -20,12 +21,14 @@ class Item:
     prompt_ids: list[int]
 
 
-def prepare(tokenizer, audio, question: str, max_windows: int = 12) -> Item:
-    """Audio (a path, or `(windows, mask)` already loaded) and a question -> model input."""
+def prepare(tokenizer, audio, question: str, max_windows: int | None = None,
+            audio_config: AudioConfig = AudioConfig()) -> Item:
+    """Audio (a path, or `(windows, mask)` already loaded) and a question -> model input. Windows follow
+    `audio_config` (the model's `config.audio`); `max_windows` defaults to its `max_windows`."""
     if isinstance(audio, tuple):
         windows, mask = audio
     else:
-        windows, mask = load_windows(audio, max_windows=max_windows)
+        windows, mask = load_windows(audio, max_windows=max_windows or audio_config.max_windows, config=audio_config)
     return Item(windows, mask, tokenizer.prompt_ids(question))
 
 
@@ -47,8 +50,8 @@ def answer_items(model, tokenizer, items: Sequence[Item], *, max_new_tokens: int
 
 
 def answer(model, tokenizer, audio, question: str, *, max_new_tokens: int = 256, temperature: float = 0.0,
-           top_k=None, top_p=None, key=None, max_windows: int = 12) -> str:
+           top_k=None, top_p=None, key=None, max_windows: int | None = None) -> str:
     """The one-liner: `af2_jax.answer(model, tokenizer, "clip.wav", "What is happening?")` -> the answer text."""
-    item = prepare(tokenizer, audio, question, max_windows)
+    item = prepare(tokenizer, audio, question, max_windows, model.config.audio)
     return answer_items(model, tokenizer, [item], max_new_tokens=max_new_tokens, temperature=temperature,
                         top_k=top_k, top_p=top_p, key=key)[0]

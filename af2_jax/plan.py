@@ -1,6 +1,11 @@
-"""`python -m af2_jax.plan`: per-device memory of serving AF2 on a mesh, computed without any weights.
+"""`python -m af2_jax.plan`: per-device memory of serving or training AF2 on a mesh, computed without any weights.
 
     python -m af2_jax.plan --model af2-3b --mesh tensor=4 --windows 30 --prompt 512 --new 256 --batch 8
+    python -m af2_jax.plan --model af2-3b --mesh fsdp=4,tensor=2 --train sft --batch 8 --windows 12 --prompt 512
+
+With `--train PRESET` (pretrain, sft, full or a regex) it plans a train step instead: float32 master weights,
+AdamW moments and gradients of the trainable set, and the compiled step's temporaries for a global batch of
+`--batch` sequences of `--prompt` tokens with `--windows` windows each.
 
 Weights and caches are exact: each array's per-device shard, as the rules table of `af2_jax.sharding` places it, times
 its dtype. Temporaries come from XLA's memory analysis of the two compiled generation programs (audio, text),
@@ -32,6 +37,8 @@ def _parser():
     p.add_argument("--new", type=int, default=256, help="new tokens")
     p.add_argument("--hbm-gb", type=float, help="device memory to check against, in GB (1e9 bytes)")
     p.add_argument("--no-compile", action="store_true", help="skip the compiled programs' temporaries")
+    p.add_argument("--train", metavar="PRESET", help="plan a train step with this trainable set instead of serving")
+    p.add_argument("--remat", action="store_true", help="(--train) recompute LM layers in the backward pass")
     return p
 
 
@@ -55,7 +62,7 @@ def main(argv=None) -> int:
 
         jax.config.update("jax_num_cpu_devices", needed)
     try:
-        report = plan(args)
+        report = plan_training(args) if args.train else plan(args)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -141,7 +148,7 @@ def _temporaries(graphdef, state, shardings, mesh, config, rows, windows, prompt
     from flax import nnx
 
     from af2_jax.generate import Sampling, _decode, _encode
-    from af2_jax.sharding import batch_sharding
+    from af2_jax.sharding import activation_sharding, batch_sharding
 
     def spec(shape, dtype_, sharding=None):
         return jax.ShapeDtypeStruct(shape, dtype_, sharding=sharding)
@@ -152,15 +159,87 @@ def _temporaries(graphdef, state, shardings, mesh, config, rows, windows, prompt
     batch = lambda shape, d: spec(shape, d, batch_sharding(mesh, shape[0], len(shape)))  # noqa: E731
     samples = config.audio.window_samples
     audio = (abstract_state, batch((rows, windows, samples), jnp.float32), batch((rows, windows), jnp.float32))
-    audio_program = jax.jit(lambda *a: _encode(*a, graphdef=graphdef)).lower(*audio).compile()
+    with activation_sharding(mesh, config):
+        audio_program = jax.jit(lambda *a: _encode(*a, graphdef=graphdef)).lower(*audio).compile()
     media_k, media_v, media_mask = jax.eval_shape(lambda *a: _encode(*a, graphdef=graphdef), *audio)
     text = (abstract_state, spec(media_k.shape, media_k.dtype), spec(media_v.shape, media_v.dtype),
             batch(media_mask.shape, media_mask.dtype), batch((rows, prompt), jnp.int32),
             batch((rows, prompt), jnp.int32), jax.random.key(0))
     statics = dict(graphdef=graphdef, max_new_tokens=new, sampling=Sampling(), eos=config.tokens.eos,
                    pad=config.tokens.pad)
-    text_program = jax.jit(lambda *a: _decode(*a, **statics)).lower(*text).compile()
+    with activation_sharding(mesh, config):
+        text_program = jax.jit(lambda *a: _decode(*a, **statics)).lower(*text).compile()
     return max(p.memory_analysis().temp_size_in_bytes for p in (audio_program, text_program))
+
+
+def plan_training(args) -> dict:
+    """Per-device bytes of a train step: exact for weights, optimizer state and gradients; XLA's memory analysis
+    of the compiled step for temporaries."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from af2_jax.config import AF2Config, preset
+    from af2_jax.nn.af2 import AF2Model
+    from af2_jax.sharding import (Placement, activation_sharding, batch_sharding, format_mesh, make_mesh,
+                                  variable_sharding)
+    from af2_jax.training.config import OptimSection
+    from af2_jax.training.step import TrainState, make_train_step, split_model
+
+    config = preset(args.model) if args.model in PRESETS else AF2Config.from_file(args.model)
+    devices = jax.devices()
+    if devices[0].platform == "cpu" and len(devices) > _devices_needed(args.mesh):
+        devices = devices[:_devices_needed(args.mesh)]
+    mesh = make_mesh(args.mesh, devices)
+    placement = Placement(mesh, config)
+    batch_sharding(mesh, args.batch, 2)  # refuses an indivisible batch with one line
+    compute = jnp.dtype(args.dtype)
+    abstract = nnx.eval_shape(lambda: AF2Model(config, dtype=compute, param_dtype=jnp.float32,
+                                               rngs=nnx.Rngs(0)))
+    for _, var in nnx.to_flat_state(nnx.split(abstract)[1]):
+        var.set_value(jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=variable_sharding(var, placement)))
+    graphdef, params, frozen = split_model(abstract, args.train)
+    size = lambda tree: sum(_shard_bytes(x.shape, x.dtype, x.sharding) for x in jax.tree.leaves(tree))  # noqa
+    trainable, fixed = size(params), size(frozen)
+    optim = OptimSection(trainable=args.train, batch_size=args.batch)
+    tx = optax.adamw(1e-4, weight_decay=0.1)
+    state = TrainState(params, jax.eval_shape(tx.init, params), jax.ShapeDtypeStruct((), jnp.int32))
+    moments = 2 * trainable  # AdamW's mu and nu mirror the trainable parameters and their placement
+    temporaries = None
+    if not args.no_compile:
+        batch = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh, args.batch, len(shape)))
+                 for name, shape, dtype in [
+                     ("audio_x", (args.batch, args.windows, config.audio.window_samples), jnp.float32),
+                     ("audio_x_mask", (args.batch, args.windows), jnp.float32),
+                     ("input_ids", (args.batch, args.prompt), jnp.int32),
+                     ("attention_mask", (args.batch, args.prompt), jnp.int32),
+                     ("labels", (args.batch, args.prompt), jnp.int32)]}
+        step = jax.jit(make_train_step(graphdef, tx, optim, remat=args.remat), donate_argnums=(0,))
+        with activation_sharding(mesh, config):
+            temporaries = step.lower(state, frozen, batch).compile().memory_analysis().temp_size_in_bytes
+    total = trainable + fixed + moments + (temporaries or 0)
+    fits = None if args.hbm_gb is None else total <= args.hbm_gb * 1e9
+    cpu = jax.devices()[0].platform == "cpu"
+    lines = [
+        f"{args.model} train step ({args.train}), {args.dtype} compute, float32 master weights, mesh "
+        f"{format_mesh(dict(mesh.shape))}; batch {args.batch}, {args.windows} windows, {args.prompt} tokens"
+        f"{', remat' if args.remat else ''}",
+        f"rules: {placement.report()}",
+        "| per device | GB |", "|---|---|",
+        f"| trainable weights (float32) | {trainable / 1e9:.3f} |",
+        f"| frozen weights (float32) | {fixed / 1e9:.3f} |",
+        f"| AdamW moments | {moments / 1e9:.3f} |",
+        f"| weights + optimizer state | {(trainable + fixed + moments) / 1e9:.3f} |",
+    ]
+    if temporaries is not None:
+        label = "compiled temporaries incl. gradients and activations" + (
+            " (CPU upper bound: XLA upcasts bfloat16 there)" if cpu else "")
+        lines += [f"| {label} | {temporaries / 1e9:.3f} |", f"| total | {total / 1e9:.3f} |"]
+    if fits is not None:
+        lines.append(f"{'fits' if fits else 'does NOT fit'} in {args.hbm_gb:g} GB per device")
+    return {"weights": trainable + fixed, "optimizer": moments, "temporaries": temporaries, "fits": fits,
+            "table": "\n".join(lines)}
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ chosen is logged, per logical axis.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import logging
 import math
@@ -174,6 +176,29 @@ def shard_model(model, mesh: Mesh):
         var.set_value(jax.device_put(var[...], variable_sharding(var, placement)))
     log.info("mesh %s: %s", format_mesh(dict(mesh.shape)), placement.report())
     return model
+
+
+_ACTIVATIONS: contextvars.ContextVar[Placement | None] = contextvars.ContextVar("af2_activation_placement",
+                                                                             default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh | None, config: AF2Config):
+    """While tracing inside this context, `constrain` places activations on `mesh` by the rules table (no mesh:
+    nothing is constrained)."""
+    token = _ACTIVATIONS.set(None if mesh is None else Placement(mesh, config))
+    try:
+        yield
+    finally:
+        _ACTIVATIONS.reset(token)
+
+
+def constrain(x, logical_axes):
+    """`with_sharding_constraint` by logical axis names, under `activation_sharding`; the identity outside it."""
+    placement = _ACTIVATIONS.get()
+    if placement is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, placement.sharding(logical_axes, x.shape))
 
 
 def batch_sharding(mesh: Mesh, batch: int, ndim: int) -> NamedSharding:

@@ -145,3 +145,53 @@ def small_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "small"
     af2_jax.save(AF2Model(config, rngs=nnx.Rngs(0)), path, tokenizer=af2_jax.load_tokenizer(), dtype="float32")
     return path
+
+
+def write_tone_dataset(root: Path, per_split: int = 8) -> Path:
+    """A tiny sound-QA set in the original manifest format: sine tones, "is the tone low or high?"."""
+    import json
+
+    import soundfile
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        folder = root / "audio" / split
+        folder.mkdir(parents=True, exist_ok=True)
+        data = {}
+        for index in range(per_split):
+            high = bool(index % 2)
+            t = np.arange(int(rng.uniform(0.5, 2.0) * 16000)) / 16000
+            wave = 0.5 * np.sin(2 * np.pi * (rng.uniform(2000, 3000) if high else rng.uniform(200, 300)) * t)
+            soundfile.write(folder / f"{index}.flac", wave.astype(np.float32), 16000)
+            data[str(index)] = {"name": f"{index}.flac", "prompt": "Is the tone low or high?",
+                                "output": "High" if high else "Low", "duration": len(t) / 16000}
+        manifest = {"split": split, "split_path": f"audio/{split}", "flamingo_task": "Tones-PitchQA",
+                    "total_num": per_split, "data": data}
+        (root / "manifests" / "Tones-PitchQA").mkdir(parents=True, exist_ok=True)
+        (root / "manifests" / "Tones-PitchQA" / f"{split}.json").write_text(json.dumps(manifest))
+    return root
+
+
+# A training config small enough for tests: small widths, the real tokenizer and vocabulary.
+TINY_TRAIN_OVERRIDES = {
+    "htsat": {"embed_dim": 8, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 4]},
+    "audio_transformer": {"d_model": 64, "n_heads": 2, "n_layers": 1, "d_inner": 64},
+    "cross_attention": {"heads": 2, "dim_head": 16, "ff_mult": 1},
+    "lm": {"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2},
+    "audio": {"max_windows": 1},
+}
+
+
+def tiny_train_config(data_root: Path, out_dir: Path, **sections) -> dict:
+    raw = {
+        "model": {"init": "random", "overrides": TINY_TRAIN_OVERRIDES, "compute_dtype": "float32"},
+        "data": {"dataset_file_root": str(data_root / "manifests"), "data_root": str(data_root),
+                 "dataset_blending_config": {"Tones-PitchQA/train": {"weight": 1.0}},
+                 "valid_dataset_config": {"Tones-PitchQA/test": True}, "max_tokens": 16, "max_num_window": 1},
+        "optim": {"trainable": "full", "batch_size": 4, "learning_rate": 1e-3, "warmup_steps": 2,
+                  "loss_positions": 4},
+        "run": {"out_dir": str(out_dir), "steps": 6, "save_every": 3, "log_every": 1, "seed": 0},
+    }
+    for section, values in sections.items():
+        raw[section].update(values)
+    return raw

@@ -3,6 +3,7 @@
 For each mesh: the fixture model sharded by the rules table gives the single-device logits (1e-5 relative) and the
 same greedy tokens, with the large parameters really split. Prints one line per mesh; exits non-zero on failure."""
 
+import json
 import os
 import sys
 import tempfile
@@ -103,7 +104,17 @@ def main(fixture: str, meshes: list[str]) -> None:
             shard = value.sharding.shard_shape(value.shape)
             split += int(np.prod(shard)) < int(np.prod(value.shape))
         assert split >= 3, (spec, "large parameters were not split")
-        # The same model restored from an Orbax checkpoint straight into its shards.
+        # The same model restored from an Orbax checkpoint straight into its shards, from a checkpoint written
+        # unsharded and from one converted already laid out for this mesh.
+        laid_out = os.path.join(tempfile.mkdtemp(), "laid-out")
+        convert(weights, laid_out, os.path.join(fixture, "config.json"), "float32", mesh=mesh)
+        with open(os.path.join(laid_out, "config.json")) as f:
+            assert json.load(f)["af2_jax"]["layout_mesh"] == dict(mesh.shape)
+        restored_laid_out = af2_jax.load(laid_out, dtype="float32", mesh=mesh)
+        for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(model)),
+                                     nnx.to_flat_state(nnx.state(restored_laid_out))):
+            assert b[...].sharding.is_equivalent_to(a[...].sharding, a[...].ndim), path
+            np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]))
         restored = af2_jax.load(checkpoint, dtype="float32", mesh=mesh)
         for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(nnx.state(restored))):
             assert b[...].sharding.is_equivalent_to(a[...].sharding, a[...].ndim), path

@@ -58,8 +58,10 @@ def _open(path):
         raise _fail(path, f"cannot be decoded as audio ({err}); convert it to wav/flac/ogg/mp3") from None
 
 
-def read_audio(path, *, max_seconds: float | None = None, sample_rate: int = 16000) -> tuple[np.ndarray, float]:
+def read_audio(path, *, max_seconds: float | None = None, sample_rate: int = 16000,
+               start_seconds: float = 0.0) -> tuple[np.ndarray, float]:
     """Decodes `path` into mono float32 at `sample_rate`, peak-normalised as the original (AF2_SPEC 2.1).
+    Reading starts `start_seconds` into the file (a manifest item's `audio_start`).
 
     Returns `(samples, total_seconds)`; `total_seconds` is the duration of the whole file, so callers can report
     what `max_seconds` dropped. Raises `AudioError` with one line naming the file and the problem.
@@ -70,7 +72,13 @@ def read_audio(path, *, max_seconds: float | None = None, sample_rate: int = 160
 
     with _open(path) as f:
         file_rate = f.samplerate
-        total_frames = f.frames
+        start = int(start_seconds * file_rate)
+        if start and not 0 < start < f.frames:
+            raise _fail(path, f"audio_start {start_seconds} s is outside the file ({f.frames / file_rate:.2f} s); "
+                              "fix the manifest item")
+        if start:
+            f.seek(start)
+        total_frames = f.frames - start
         wanted = total_frames if max_seconds is None else min(total_frames, int(max_seconds * file_rate))
         try:
             data = f.read(frames=wanted, dtype="float64", always_2d=True)
@@ -140,7 +148,8 @@ def split_windows(samples: np.ndarray, *, window_samples: int, max_windows: int)
     return windows, np.ones((count,), dtype=np.float32)
 
 
-def load_windows(path, max_windows: int = 12, *, config: AudioConfig = _DEFAULT_AUDIO) -> tuple[np.ndarray, np.ndarray]:
+def load_windows(path, max_windows: int = 12, *, config: AudioConfig = _DEFAULT_AUDIO,
+                 start_seconds: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Loads an audio file as model input: `(W, 160000)` float32 windows and a `(W,)` float32 mask of ones.
 
     `max_windows` may be 1..30 (30 windows = 5 minutes); audio beyond it is dropped with an `AudioWarning`.
@@ -148,7 +157,8 @@ def load_windows(path, max_windows: int = 12, *, config: AudioConfig = _DEFAULT_
     if not 1 <= max_windows <= MAX_WINDOWS_LIMIT:
         raise ValueError(f"max_windows={max_windows} is outside 1..{MAX_WINDOWS_LIMIT} (30 windows = 5 minutes)")
     limit_seconds = max_windows * config.window_seconds
-    samples, total_seconds = read_audio(path, max_seconds=limit_seconds, sample_rate=config.sample_rate)
+    samples, total_seconds = read_audio(path, max_seconds=limit_seconds, sample_rate=config.sample_rate,
+                                        start_seconds=start_seconds)
     if total_seconds > limit_seconds + 1e-6:
         warnings.warn(
             f"{path}: {total_seconds:.1f} s of audio is longer than max_windows={max_windows} windows "

@@ -110,18 +110,30 @@ def inspect(src, model=None, dtype="bfloat16") -> Inspection:
     return Inspection(config, report, params, out_bytes)
 
 
-def convert(src, dst, model=None, dtype="bfloat16", *, overwrite=False, allow_alias_mismatch=False) -> Path:
-    """Converts original weights at `src` into an af2-jax checkpoint at `dst`. Returns `dst`."""
+def convert(src, dst, model=None, dtype="bfloat16", *, overwrite=False, allow_alias_mismatch=False,
+            mesh=None) -> Path:
+    """Converts original weights at `src` into an af2-jax checkpoint at `dst`. Returns `dst`.
+
+    With a `mesh` (a `jax.sharding.Mesh` or a spec such as "tensor=4"), every parameter is placed as the rules table
+    places it on that mesh before writing, so the stored chunks are the shards: restoring onto the same mesh reads
+    each device's shard as whole chunks."""
     ckpt = open_source(src)
     config = resolve_config(model, ckpt)
     variables = store.model_variables(_abstract_model(config))
+    placement = None
+    if mesh is not None:
+        from af2_jax.sharding import Placement, format_mesh, make_mesh, variable_sharding
+
+        mesh = make_mesh(mesh) if isinstance(mesh, (str, dict)) else mesh
+        placement = Placement(mesh, config)
+        log.info("laying the checkpoint out for mesh %s: %s", format_mesh(dict(mesh.shape)), placement.report())
     atomic = store.AtomicFolder(dst, overwrite)  # refuse an existing DST before any heavy work
     report = checked_report(ckpt, variables, config, what="the AF2 model",
                             allow_alias_mismatch=allow_alias_mismatch)
     params = {}
-    for path, _, value in slot_values(variables, report, ckpt.get, lambda var: store.storage_dtype(var, dtype)):
+    for path, var, value in slot_values(variables, report, ckpt.get, lambda var: store.storage_dtype(var, dtype)):
         # Hand Orbax device arrays: given numpy, it copies the whole tree to the device before writing.
-        params[path] = jax.device_put(value)
+        params[path] = jax.device_put(value, None if placement is None else variable_sharding(var, placement))
         del value  # peak memory: the output plus one tensor
     unused = {name: ckpt.get(name) for name in report.dead}
     log.info("kept aside, unused at inference (%d tensors, restored by --export): %s", len(unused),
@@ -139,6 +151,7 @@ def convert(src, dst, model=None, dtype="bfloat16", *, overwrite=False, allow_al
             load_tokenizer(tokens=config.tokens).save(tmp / "tokenizer")
         store.write_config(tmp, config, {"dtype": np.dtype(dtype).name, "clap_prefix": clap_prefix,
                                          "source": str(ckpt.source),
+                                         "layout_mesh": None if mesh is None else dict(mesh.shape),
                                          # Original shapes: Orbax does not keep 0-d shapes (BatchNorm counters).
                                          "unused": {n: list(v.shape) for n, v in sorted(unused.items())}})
     log.info("wrote %s", dst)

@@ -143,9 +143,12 @@ def storage_dtype(var: nnx.Variable, dtype) -> np.dtype:
 
 
 def save(model, dst, *, tokenizer=None, dtype=None, overwrite: bool = False, meta: dict | None = None) -> Path:
-    """Writes a model (and optionally its tokenizer) as an af2-jax checkpoint, e.g. after training."""
+    """Writes a model (and optionally its tokenizer) as an af2-jax checkpoint, e.g. after training. With several
+    JAX processes every process calls it: each writes its own shards, process 0 the rest."""
     variables = model_variables(model)
     dtype = np.dtype(dtype or model.dtype)
+    if jax.process_count() > 1:
+        return _save_from_processes(model, variables, Path(dst), tokenizer, dtype, overwrite, meta)
     params = {p: jax.device_put(np.asarray(v[...]).astype(storage_dtype(v, dtype))) for p, v in variables}
     with AtomicFolder(dst, overwrite) as tmp:
         save_tree(tmp / "params", nest(params))
@@ -155,9 +158,34 @@ def save(model, dst, *, tokenizer=None, dtype=None, overwrite: bool = False, met
     return Path(dst)
 
 
-def load(path, dtype="bfloat16", mesh=None):
+def _save_from_processes(model, variables, dst: Path, tokenizer, dtype, overwrite: bool, meta) -> Path:
+    """`save` for a model sharded over several processes (shared filesystem): Orbax writes every process's shards
+    into a temporary folder, then process 0 adds config and tokenizer and renames it into place."""
+    from jax.experimental import multihost_utils
+
+    if dst.exists() and not overwrite:  # every process sees the same filesystem, so all refuse together
+        raise CheckpointError(f"{dst}: already exists; pass overwrite=True to replace it, or choose another path")
+    tmp = dst.parent / f".{dst.name}.partial"
+    if jax.process_index() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    multihost_utils.sync_global_devices("af2_jax.save:start")
+    save_tree(tmp / "params", nest({p: v[...].astype(storage_dtype(v, dtype)) for p, v in variables}))
+    if jax.process_index() == 0:
+        if tokenizer is not None:
+            tokenizer.save(tmp / "tokenizer")
+        write_config(tmp, model.config, {"dtype": dtype.name, "unused": {}, **(meta or {})})
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.rename(tmp, dst)
+    multihost_utils.sync_global_devices("af2_jax.save:end")
+    return dst
+
+
+def load(path, dtype="bfloat16", mesh=None, *, param_dtype=None):
     """Loads a checkpoint written by `python -m af2_jax.convert` as an `AF2Model` whose weights and activations
-    are in `dtype` ("float32" or "bfloat16"). With a `mesh` (`af2_jax.sharding.make_mesh`), every parameter is
+    are in `dtype` ("float32" or "bfloat16"); `param_dtype` keeps the weights in another dtype (training: float32
+    master weights, bfloat16 compute). With a `mesh` (`af2_jax.sharding.make_mesh`), every parameter is
     restored straight into its shards as the rules table places it: no host holds a full copy."""
     from af2_jax.nn.af2 import AF2Model
 
@@ -167,7 +195,8 @@ def load(path, dtype="bfloat16", mesh=None):
                               "`python -m af2_jax.convert SRC DST` and pass DST")
     config, _ = read_config(folder)
     dtype = jnp.dtype(dtype)
-    abstract = nnx.eval_shape(lambda: AF2Model(config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)))
+    param_dtype = jnp.dtype(param_dtype or dtype)
+    abstract = nnx.eval_shape(lambda: AF2Model(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     variables = state_variables(state)
     stored = stored_shapes(folder / "params")
@@ -185,7 +214,7 @@ def load(path, dtype="bfloat16", mesh=None):
         placement = Placement(mesh, config)
         shardings = {p: variable_sharding(v, placement) for p, v in variables}
         log.info("mesh %s: %s", format_mesh(dict(mesh.shape)), placement.report())
-    target = nest({p: jax.ShapeDtypeStruct(v.shape, storage_dtype(v, dtype), sharding=shardings[p])
+    target = nest({p: jax.ShapeDtypeStruct(v.shape, storage_dtype(v, param_dtype), sharding=shardings[p])
                    for p, v in variables})
     restored = flatten(restore_tree(folder / "params", target))
     for p, var in variables:

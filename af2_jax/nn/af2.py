@@ -19,6 +19,10 @@ from af2_jax.nn.htsat import HTSAT, encode_windows
 from af2_jax.nn.layers import named
 from af2_jax.nn.qwen2 import Qwen2DecoderLayer, RMSNorm, rope_cos_sin
 from af2_jax.nn.xattn import GatedCrossAttention
+from af2_jax.sharding import constrain
+
+# Logical axes of the LM's residual stream (activations are placed by the rules table of af2_jax.sharding).
+RESIDUAL = ("batch", "length", "embed")
 
 
 class FlamingoLayer(nnx.Module):
@@ -64,21 +68,33 @@ class AF2Model(nnx.Module):
         del audio_x_mask  # every window is encoded; the mask matters from the audio transformer on
         return encode_windows(self.audio_encoder, audio_x, self.config.audio)
 
-    def transform_audio(self, clap_embeds, audio_x_mask):
+    def transform_audio(self, clap_embeds, audio_x_mask, dropout_key=None):
         """HTSAT tokens `(B, L, 64, D)` -> media `(B, L*64, D)` and its mask `(B, L*64)`."""
         b, windows, tokens, d = clap_embeds.shape
         media_mask = jnp.repeat(audio_x_mask, tokens, axis=1)
-        media = self.audio_transformer(clap_embeds.reshape(b, windows * tokens, d).astype(self.dtype), media_mask)
-        return media, media_mask
+        media = self.audio_transformer(clap_embeds.reshape(b, windows * tokens, d).astype(self.dtype), media_mask,
+                                       dropout_key)
+        return constrain(media, ("batch", "audio_tokens", "audio_embed")), media_mask
 
-    def encode_audio(self, audio_x, audio_x_mask):
-        return self.transform_audio(self.encode_windows(audio_x, audio_x_mask), audio_x_mask)
+    def encode_audio(self, audio_x, audio_x_mask, dropout_key=None):
+        return self.transform_audio(self.encode_windows(audio_x, audio_x_mask), audio_x_mask, dropout_key)
 
     # --- language model -----------------------------------------------------------------------------------------
     def __call__(self, input_ids, attention_mask=None, media=None, media_mask=None, *, positions=None,
                  return_intermediates: bool = False):
         """Logits `(B, T, vocab)` in float32. Positions default to `0..T-1` whatever the padding (as the original's
         plain forward); `attention_mask` (1 = token) masks padded keys."""
+        hidden, per_layer = self.hidden_states(input_ids, attention_mask, media, media_mask, positions=positions,
+                                               return_intermediates=return_intermediates)
+        logits = self.logits(hidden)
+        if return_intermediates:
+            return logits, Intermediates(*per_layer)
+        return logits
+
+    def hidden_states(self, input_ids, attention_mask=None, media=None, media_mask=None, *, positions=None,
+                      return_intermediates: bool = False, remat: bool = False):
+        """Final normalised hidden states `(B, T, hidden)` (before the output projection) and, if asked, every
+        layer's residual streams. `remat` recomputes each layer in the backward pass instead of storing it."""
         b, t = input_ids.shape
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), jnp.int32)
@@ -87,48 +103,56 @@ class AF2Model(nnx.Module):
         causal = jnp.tril(jnp.ones((t, t), bool))
         mask = causal[None] & (attention_mask[:, None, :] != 0)
         cos, sin = rope_cos_sin(positions, self.config.lm.head_dim, self.config.lm.rope_theta)
-        x = self.embed_tokens(input_ids)
+        x = constrain(self.embed_tokens(input_ids), RESIDUAL)
         graphdef, stacked = nnx.split(self.layers)
 
         def body(x, layer_state):
             layer = nnx.merge(graphdef, layer_state)
             k, v = layer.xattn.media_kv(media)
-            after_xattn = layer.xattn(x, k, v, media_mask)
-            after_layer = layer.decoder(after_xattn, cos, sin, mask)
+            after_xattn = constrain(layer.xattn(x, k, v, media_mask), RESIDUAL)
+            after_layer = constrain(layer.decoder(after_xattn, cos, sin, mask), RESIDUAL)
             return after_layer, (after_xattn, after_layer) if return_intermediates else None
 
-        x, per_layer = jax.lax.scan(body, x, stacked)
-        logits = self.embed_tokens.attend(self.norm(x)).astype(jnp.float32)
-        if return_intermediates:
-            return logits, Intermediates(*per_layer)
-        return logits
+        x, per_layer = jax.lax.scan(jax.checkpoint(body) if remat else body, x, stacked)
+        return self.norm(x), per_layer
 
     def media_kv(self, media):
         """Every layer's cross-attention keys and values, computed once per request: `(layers, B, heads, S, d)`."""
         graphdef, stacked = nnx.split(self.layers)
         return jax.vmap(lambda state: nnx.merge(graphdef, state).xattn.media_kv(media))(stacked)
 
-    def init_cache(self, batch: int, length: int):
-        lm = self.config.lm
-        shape = (lm.num_layers, batch, lm.num_kv_heads, length, lm.head_dim)
-        return jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)
-
-    def cached_step(self, input_ids, positions, mask, media_k, media_v, media_mask, cache, index):
-        """The LM on `input_ids` `(B, T)` written into the KV cache at slot `index`, attending over the whole cache
-        (`mask` `(B, T, S_max)`), with precomputed cross-attention K/V. Returns final hidden states `(B, T, hidden)`
-        (before the output projection) and the updated cache."""
-        cos, sin = rope_cos_sin(positions, self.config.lm.head_dim, self.config.lm.rope_theta)
+    def decode_layers(self, media_k, media_v):
+        """Each layer's parameters and cross-attention K/V as separate arrays, sliced from the stacked ones once per
+        request, for `cached_step`. Inside a decode loop, XLA copies every dynamic slice of a stacked array before
+        the matmul that reads it (measured on CPU, and the same traffic pattern on GPU), which would cost a copy of
+        all LM weights per token; slicing once before the loop costs one copy per request."""
         graphdef, stacked = nnx.split(self.layers)
+        per_layer = [(jax.tree.map(lambda x, i=i: x[i], stacked), media_k[i], media_v[i])
+                     for i in range(self.config.lm.num_layers)]
+        return graphdef, per_layer
 
-        def body(x, per_layer):
-            layer_state, k, v, cache_k, cache_v = per_layer
+    def init_cache(self, batch: int, length: int):
+        """One (keys, values) pair of `(B, KV, length, head_dim)` per layer."""
+        lm = self.config.lm
+        shape = (batch, lm.num_kv_heads, length, lm.head_dim)
+        return [(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)) for _ in range(lm.num_layers)]
+
+    def cached_step(self, input_ids, positions, mask, layers, media_mask, cache, index):
+        """The LM on `input_ids` `(B, T)` written into the KV cache at slot `index`, attending over the whole cache
+        (`mask` `(B, T, S_max)`), with the per-layer parameters and cross-attention K/V of `decode_layers`. Returns
+        final hidden states `(B, T, hidden)` (before the output projection) and the updated cache. The layers are
+        unrolled: decoding compiles once per request shape, and per-layer buffers need no slicing per token."""
+        cos, sin = rope_cos_sin(positions, self.config.lm.head_dim, self.config.lm.rope_theta)
+        graphdef, per_layer = layers
+        x = constrain(self.embed_tokens(input_ids), RESIDUAL)
+        updated = []
+        for (layer_state, k, v), (cache_k, cache_v) in zip(per_layer, cache):
             layer = nnx.merge(graphdef, layer_state)
-            x = layer.xattn(x, k, v, media_mask)
+            x = constrain(layer.xattn(x, k, v, media_mask), RESIDUAL)
             x, cache_k, cache_v = layer.decoder.cached(x, cos, sin, mask, cache_k, cache_v, index)
-            return x, (cache_k, cache_v)
-
-        x, cache = jax.lax.scan(body, self.embed_tokens(input_ids), (stacked, media_k, media_v, *cache))
-        return self.norm(x), cache
+            x = constrain(x, RESIDUAL)
+            updated.append((cache_k, cache_v))
+        return self.norm(x), updated
 
     def logits(self, hidden):
         return self.embed_tokens.attend(hidden).astype(jnp.float32)

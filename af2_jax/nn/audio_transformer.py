@@ -65,8 +65,9 @@ class EncoderLayer(nnx.Module):
                           rngs=rngs)
         self.ffn_norm = norm()
 
-    def __call__(self, x, key_mask, cos, sin):
-        """x `(B, S, D)`; key_mask `(B, S)` (nonzero = attend); cos/sin `(1, S, rotary_dim)`."""
+    def __call__(self, x, key_mask, cos, sin, dropout_key=None):
+        """x `(B, S, D)`; key_mask `(B, S)` (nonzero = attend); cos/sin `(1, S, rotary_dim)`. With a
+        `dropout_key`, attention probabilities are dropped at `cfg.attn_dropout` (train mode, Q30)."""
         cfg = self.cfg
         b, s, _ = x.shape
         heads = lambda t: t.reshape(b, s, cfg.n_heads, cfg.d_head)  # noqa: E731
@@ -75,7 +76,11 @@ class EncoderLayer(nnx.Module):
         v = heads(self.w_vs(x))
         logits = jnp.einsum("bqhd,bkhd->bhqk", q / jnp.asarray(cfg.d_head ** 0.5, q.dtype), k)
         logits = jnp.where(key_mask[:, None, None, :] != 0, logits.astype(jnp.float32), cfg.key_mask_fill)
-        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        probs = jax.nn.softmax(logits, axis=-1)
+        if dropout_key is not None and cfg.attn_dropout > 0:
+            keep = jax.random.bernoulli(dropout_key, 1.0 - cfg.attn_dropout, probs.shape)
+            probs = jnp.where(keep, probs / (1.0 - cfg.attn_dropout), 0.0)
+        probs = probs.astype(v.dtype)
         attn = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, s, cfg.d_model)
         x = self.attn_norm(self.fc(attn) + x)
         return self.ffn_norm(self.w_2(jax.nn.relu(self.w_1(x))) + x)
@@ -92,10 +97,12 @@ class AudioTransformer(nnx.Module):
         self.layers = nnx.List([EncoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
                                 for _ in range(cfg.n_layers)])
 
-    def __call__(self, tokens, mask):
+    def __call__(self, tokens, mask, dropout_key=None):
+        """`dropout_key` (train mode only) turns on the attention dropout of the original (Q30)."""
         cfg = self.cfg
         x = self.input_norm(tokens * jnp.asarray(cfg.d_model ** 0.5, tokens.dtype))
         cos, sin = rotary_cos_sin(jnp.arange(x.shape[1])[None], cfg.rotary_dim, cfg.rotary_base)
-        for layer in self.layers:
-            x = layer(x, mask, cos, sin)
+        keys = [None] * len(self.layers) if dropout_key is None else jax.random.split(dropout_key, len(self.layers))
+        for layer, key in zip(self.layers, keys):
+            x = layer(x, mask, cos, sin, key)
         return x

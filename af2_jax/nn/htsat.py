@@ -22,6 +22,7 @@ from flax import nnx
 from af2_jax.audio.features import fold_to_image, int16_round_trip, log_mel, resize_time
 from af2_jax.config import AudioConfig, HTSATConfig
 from af2_jax.nn.layers import layer_norm, linear, named
+from af2_jax.sharding import constrain
 
 # Additive logit penalty between tokens from different regions of a shifted window (the original uses -100, not -inf).
 SHIFT_MASK_VALUE = -100.0
@@ -190,11 +191,16 @@ class HTSAT(nnx.Module):
             scale_init=named(nnx.initializers.ones_init(), ("htsat_mel",)),
             bias_init=named(nnx.initializers.zeros_init(), ("htsat_mel",)),
             rngs=rngs)
+        # PyTorch's Conv2d initialisation, uniform(+-1/sqrt(fan_in)) for kernel and bias. A zero bias would make
+        # the embedding followed by the patch LayerNorm scale-invariant per patch: a freshly initialised encoder
+        # would then see each patch's texture but not its level (the spectrum's shape), and barely learn.
+        torch_uniform = nnx.initializers.uniform(2 / cfg.patch_size)  # [0, 2/sqrt(fan_in)), shifted below
+        centred = lambda key, shape, dtype: torch_uniform(key, shape, dtype) - 1 / cfg.patch_size  # noqa: E731
         self.patch_embed = nnx.Conv(
             1, cfg.embed_dim, kernel_size=(cfg.patch_size, cfg.patch_size),
             strides=(cfg.patch_stride, cfg.patch_stride), padding="VALID", dtype=dtype, param_dtype=param_dtype,
-            kernel_init=named(nnx.initializers.lecun_normal(), (None, None, None, "htsat_embed")),
-            bias_init=named(nnx.initializers.zeros_init(), ("htsat_embed",)),
+            kernel_init=named(centred, (None, None, None, "htsat_embed")),
+            bias_init=named(centred, ("htsat_embed",)),
             rngs=rngs)
         self.patch_norm = layer_norm(cfg.embed_dim, axis_name="htsat_embed", eps=cfg.layer_norm_eps, dtype=dtype,
                                      param_dtype=param_dtype, rngs=rngs)
@@ -215,7 +221,8 @@ class HTSAT(nnx.Module):
         cfg = self.cfg
         lead = image.shape[:-2]
         x = image.reshape(-1, cfg.spec_size, cfg.spec_size, 1).astype(self.dtype)
-        x = self.patch_norm(self.patch_embed(x))  # (N, 64, 64, C), tokens row-major like the original
+        # (N, 64, 64, C), tokens row-major like the original; windows are the encoder's batch (split over data axes)
+        x = constrain(self.patch_norm(self.patch_embed(x)), ("windows", None, None, "htsat_embed"))
         for stage in self.stages:
             x = stage(x)
         x = self.norm(x)  # (N, G, G, D): grid rows are (time quarter k, frequency part f) as row k * parts + f

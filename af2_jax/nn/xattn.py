@@ -27,7 +27,7 @@ class GatedCrossAttention(nnx.Module):
         # One (media_dim, 2 * inner) kernel as in the original: columns [0, inner) are K, [inner, 2 inner) are V.
         self.to_kv = linear(media_dim, 2 * inner, axes=("audio_embed", "xattn_kv"), use_bias=False, **kw)
         self.to_out = linear(inner, dim, axes=("xattn_heads", "embed"), use_bias=False, **kw)
-        gate = named(nnx.initializers.zeros_init(), (None,))
+        gate = named(nnx.initializers.constant(cfg.gate_init), (None,))
         self.attn_gate = nnx.Param(gate(rngs.params(), (1,), param_dtype))
         self.ff_norm = layer_norm(dim, axis_name="embed", eps=cfg.layer_norm_eps, **kw)
         self.ff_in = linear(dim, cfg.ff_mult * dim, axes=("embed", "mlp"), use_bias=False, **kw)

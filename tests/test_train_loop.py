@@ -1,0 +1,199 @@
+"""The training loop and CLI: data pipeline, exact resume, config errors, metrics files, the 8-device step and two
+processes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import yaml
+
+from af2_jax.config import SpecialTokens
+from af2_jax.tokenizer import load_tokenizer
+from af2_jax.training.config import ConfigError, TrainConfig, _build, load_config
+from af2_jax.training.data import LoadExample, TrainBatches, blend
+from af2_jax.training.labels import IGNORE
+from af2_jax.training.loop import run
+from af2_jax.training.metrics import read_scalars
+from conftest import REPO, tiny_train_config, write_tone_dataset
+
+HERE = os.path.dirname(__file__)
+
+
+@pytest.fixture(scope="module")
+def tones(tmp_path_factory):
+    return write_tone_dataset(tmp_path_factory.mktemp("tones"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer()
+
+
+def _config(tones, out_dir, **sections) -> TrainConfig:
+    return _build(TrainConfig, tiny_train_config(tones, out_dir, **sections), "")
+
+
+def test_blend_follows_the_weights(tones):
+    data = _config(tones, "x").data
+    assert len(blend(data)) == 8
+    twice = _build(type(data), {**data.__dict__, "dataset_blending_config": {"Tones-PitchQA/train": {"weight": 2.5}}},
+                   "data")
+    items = blend(twice)
+    assert len(items) == 20 and len({i.audio for i in items[:8]}) == 8  # first pass: every item once
+    assert blend(twice) == items  # the blend is a function of the config alone
+
+
+def test_batches_are_static_labelled_and_resume_exactly(tones, tokenizer):
+    config = _config(tones, "x")
+    load = LoadExample(tokenizer, SpecialTokens(), 16, 1, loss_positions=4)
+    items = blend(config.data)
+    straight = TrainBatches(items, load, batch_size=4, seed=3)
+    expected = [next(straight) for _ in range(5)]  # more than one pass over the 8 items
+    first = TrainBatches(items, load, batch_size=4, seed=3)
+    got = [next(first) for _ in range(2)]
+    state = json.loads(json.dumps(first.state()))  # survives JSON, as in the checkpoint
+    resumed = TrainBatches(items, load, batch_size=4, seed=3)
+    resumed.restore(state)
+    got += [next(resumed) for _ in range(3)]
+    for a, b in zip(expected, got):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    batch = expected[0]
+    assert batch["audio_x"].shape == (4, 1, 160000) and batch["input_ids"].shape == (4, 16)
+    for row, labels in enumerate(batch["labels"]):
+        answer = tokenizer.decode(labels[labels != IGNORE])
+        assert answer in ("low<|endofchunk|><|endoftext|>", "high<|endofchunk|><|endoftext|>"), answer
+
+
+def test_broken_audio_is_skipped_and_counted(tones, tokenizer, tmp_path, caplog):
+    config = _config(tones, "x")
+    items = blend(config.data)
+    broken = tmp_path / "broken.flac"
+    broken.write_bytes(b"not audio at all")
+    items = items[:3] + [type(items[0])(audio=str(broken), prompt="p", output="o", task="t")]
+    batches = TrainBatches(items, LoadExample(tokenizer, SpecialTokens(), 16, 1), batch_size=3, seed=0)
+    for _ in range(3):
+        assert next(batches)["input_ids"].shape[0] == 3
+    assert batches.broken >= 2 and str(broken) in caplog.text
+
+
+def test_six_steps_equal_three_a_kill_and_three_more(tones, tmp_path):
+    straight = run(_config(tones, tmp_path / "straight", run={"steps": 6, "save_every": 6}))
+    run(_config(tones, tmp_path / "resumed", run={"steps": 3, "save_every": 3}))
+    resumed = run(_config(tones, tmp_path / "resumed", run={"steps": 6, "save_every": 3}))
+    assert straight["step"] == resumed["step"] == 6
+    with ocp.CheckpointManager(tmp_path / "straight" / "checkpoints") as a, \
+            ocp.CheckpointManager(tmp_path / "resumed" / "checkpoints") as b:
+        assert a.latest_step() == b.latest_step() == 6
+        left, right = a.restore(6), b.restore(6)
+    for x, y in zip(jax.tree.leaves(left.state), jax.tree.leaves(right.state)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # parameters, optimizer state, step
+    assert left.data == right.data  # the data iterator stands at the same place
+    assert straight["loss"] == resumed["loss"]
+    # metrics: TensorBoard events (CRC-checked) and JSON lines; the final model loads and answers
+    events = list((tmp_path / "straight" / "tensorboard").glob("events.out.tfevents.*"))
+    steps = [step for step, values in read_scalars(events[0]) if "loss" in values]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    import af2_jax
+
+    model = af2_jax.load(tmp_path / "straight" / "final", dtype="float32")
+    text = af2_jax.answer(model, af2_jax.load_tokenizer(tmp_path / "straight" / "final"),
+                          str(tones / "audio" / "test" / "0.flac"), "is the tone low or high?", max_new_tokens=3)
+    assert isinstance(text, str)
+
+
+def test_frozen_parameters_stay_bit_identical(tones, tmp_path):
+    import af2_jax
+
+    run(_config(tones, tmp_path / "base", run={"steps": 1, "final_dtype": "float32"}))
+    run(_config(tones, tmp_path / "tuned", model={"init": str(tmp_path / "base" / "final"), "overrides": {}},
+                optim={"trainable": "pretrain"}, run={"steps": 2, "final_dtype": "float32"}))
+    from flax import nnx
+
+    base = nnx.to_flat_state(nnx.state(af2_jax.load(tmp_path / "base" / "final", dtype="float32")))
+    tuned = dict(nnx.to_flat_state(nnx.state(af2_jax.load(tmp_path / "tuned" / "final", dtype="float32"))))
+    changed = {".".join(map(str, p)) for p, v in base if not np.array_equal(np.asarray(v[...]),
+                                                                              np.asarray(tuned[p][...]))}
+    assert changed and all(p.startswith(("audio_transformer.", "layers.xattn.", "embed_tokens.")) for p in changed)
+
+
+def _cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "af2_jax.train", *args], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=timeout)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.learnin_rate=1", "unknown config key 'optim.learnin_rate'; valid keys here: trainable"),
+    ("run.mesh=fsdp=3", "needs 3 devices but 1 are available"),
+    ("optim.batch_size=3", None),  # fine on one device: checked against the mesh below
+    ("data.dataset_file_root=/nowhere", "manifest not found"),
+    ("optim.schedule=linear", "optim.schedule 'linear': use constant or cosine"),
+])
+def test_bad_configs_fail_before_compiling_with_one_line(tones, tmp_path, override, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tiny_train_config(tones, tmp_path / "out")))
+    result = _cli("--config", str(path), override, "--dry-run")
+    if message is None:
+        assert result.returncode == 0, result.stderr
+        return
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: ") and message in result.stderr and result.stderr.count("\n") == 1
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_batch_that_does_not_split_over_the_data_axes(tones, tmp_path):
+    from af2_jax.sharding import MeshError
+    from af2_jax.training.loop import training_mesh
+
+    config = _config(tones, tmp_path, optim={"batch_size": 3}, run={"mesh": "fsdp=1"})
+    training_mesh(config)
+    with pytest.raises(ConfigError, match="unknown config key"):
+        load_config(None, ["run.nope=1"])
+    multi = tmp_path / "m.yaml"
+    multi.write_text(yaml.safe_dump(tiny_train_config(tones, tmp_path / "o", optim={"batch_size": 6},
+                                                      run={"mesh": "fsdp=4"})))
+    run_ = subprocess.run([sys.executable, "-m", "af2_jax.train", "--config", str(multi), "--dry-run"],
+                          capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(REPO),
+                                   XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+    assert run_.returncode == 2 and "optim.batch_size 6 does not split over data x fsdp = 4" in run_.stderr
+    assert MeshError  # the error type the CLI reports
+
+
+def test_sharded_train_steps_equal_one_device(tones, tmp_path):
+    """fsdp=4,tensor=2 on 8 simulated devices: two optimizer steps give the single-device parameters."""
+    result = subprocess.run([sys.executable, os.path.join(HERE, "train_check.py"), "mesh", str(tones),
+                             str(tmp_path)], capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert "sharded steps equal" in result.stdout
+
+
+@pytest.mark.multiprocess
+def test_two_processes_train_checkpoint_and_resume(tones, tmp_path):
+    import portpicker
+
+    script = os.path.join(HERE, "train_check.py")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    for steps in (2, 4):
+        port = portpicker.pick_unused_port()
+        procs = [subprocess.Popen([sys.executable, script, "process", str(tones), str(tmp_path), str(port), str(n),
+                                   str(steps)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                 for n in range(2)]
+        outputs = [p.communicate(timeout=300) for p in procs]
+        for p, (out, err) in zip(procs, outputs):
+            assert p.returncode == 0, err[-3000:]
+        assert f"TRAINED {steps}" in outputs[0][0] and "TRAINED" not in outputs[1][0]
+    assert "resumed" in outputs[0][1]
+    with ocp.CheckpointManager(tmp_path / "two" / "checkpoints") as manager:
+        assert {2, 4} <= set(manager.all_steps())
+        data = manager.restore(4).data
+    assert set(data) == {"process_0", "process_1"}  # each process's iterator state
+    import af2_jax
+
+    assert af2_jax.load(tmp_path / "two" / "final", dtype="float32").config.lm.hidden_size == 32  # gathered, saved
