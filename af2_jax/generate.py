@@ -122,8 +122,7 @@ def _decode(state, media_k, media_v, media_mask, input_ids, attention_mask, key,
     next_position = positions[:, -1] + 1
 
     prefill_mask = (slots[None, None, :] <= jnp.arange(prompt_len)[None, :, None]) & key_valid[:, None, :]
-    layers = model.decode_layers(media_k, media_v)
-    hidden, cache = model.cached_step(input_ids, positions, prefill_mask, layers, media_mask,
+    hidden, cache = model.cached_step(input_ids, positions, prefill_mask, media_k, media_v, media_mask,
                                       model.init_cache(b, total), 0)
     key, step_key = jax.random.split(key)
     first = sample(model.logits(hidden[:, -1]), step_key, sampling)
@@ -143,8 +142,8 @@ def _decode(state, media_k, media_v, media_mask, input_ids, attention_mask, key,
         last = tokens[:, step - 1]
         slot = prompt_len + step - 1
         mask = (slots[None, None, :] <= slot) & key_valid[:, None, :]
-        hidden, cache = model.cached_step(last[:, None], (next_position + step - 1)[:, None], mask, layers,
-                                          media_mask, cache, slot)
+        hidden, cache = model.cached_step(last[:, None], (next_position + step - 1)[:, None], mask, media_k,
+                                          media_v, media_mask, cache, slot)
         key, step_key = jax.random.split(key)
         token = sample(model.logits(hidden[:, 0]), step_key, sampling)
         token = jnp.where(done, pad, token)

@@ -121,38 +121,28 @@ class AF2Model(nnx.Module):
         graphdef, stacked = nnx.split(self.layers)
         return jax.vmap(lambda state: nnx.merge(graphdef, state).xattn.media_kv(media))(stacked)
 
-    def decode_layers(self, media_k, media_v):
-        """Each layer's parameters and cross-attention K/V as separate arrays, sliced from the stacked ones once per
-        request, for `cached_step`. Inside a decode loop, XLA copies every dynamic slice of a stacked array before
-        the matmul that reads it (measured on CPU, and the same traffic pattern on GPU), which would cost a copy of
-        all LM weights per token; slicing once before the loop costs one copy per request."""
-        graphdef, stacked = nnx.split(self.layers)
-        per_layer = [(jax.tree.map(lambda x, i=i: x[i], stacked), media_k[i], media_v[i])
-                     for i in range(self.config.lm.num_layers)]
-        return graphdef, per_layer
-
     def init_cache(self, batch: int, length: int):
-        """One (keys, values) pair of `(B, KV, length, head_dim)` per layer."""
         lm = self.config.lm
-        shape = (batch, lm.num_kv_heads, length, lm.head_dim)
-        return [(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)) for _ in range(lm.num_layers)]
+        shape = (lm.num_layers, batch, lm.num_kv_heads, length, lm.head_dim)
+        return jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)
 
-    def cached_step(self, input_ids, positions, mask, layers, media_mask, cache, index):
+    def cached_step(self, input_ids, positions, mask, media_k, media_v, media_mask, cache, index):
         """The LM on `input_ids` `(B, T)` written into the KV cache at slot `index`, attending over the whole cache
-        (`mask` `(B, T, S_max)`), with the per-layer parameters and cross-attention K/V of `decode_layers`. Returns
-        final hidden states `(B, T, hidden)` (before the output projection) and the updated cache. The layers are
-        unrolled: decoding compiles once per request shape, and per-layer buffers need no slicing per token."""
+        (`mask` `(B, T, S_max)`), with precomputed cross-attention K/V. Returns final hidden states `(B, T, hidden)`
+        (before the output projection) and the updated cache."""
         cos, sin = rope_cos_sin(positions, self.config.lm.head_dim, self.config.lm.rope_theta)
-        graphdef, per_layer = layers
-        x = constrain(self.embed_tokens(input_ids), RESIDUAL)
-        updated = []
-        for (layer_state, k, v), (cache_k, cache_v) in zip(per_layer, cache):
+        graphdef, stacked = nnx.split(self.layers)
+
+        def body(x, per_layer):
+            layer_state, k, v, cache_k, cache_v = per_layer
             layer = nnx.merge(graphdef, layer_state)
             x = constrain(layer.xattn(x, k, v, media_mask), RESIDUAL)
             x, cache_k, cache_v = layer.decoder.cached(x, cos, sin, mask, cache_k, cache_v, index)
-            x = constrain(x, RESIDUAL)
-            updated.append((cache_k, cache_v))
-        return self.norm(x), updated
+            return constrain(x, RESIDUAL), (cache_k, cache_v)
+
+        x, cache = jax.lax.scan(body, constrain(self.embed_tokens(input_ids), RESIDUAL),
+                                (stacked, media_k, media_v, *cache))
+        return self.norm(x), cache
 
     def logits(self, hidden):
         return self.embed_tokens.attend(hidden).astype(jnp.float32)
