@@ -192,7 +192,7 @@ def test_two_processes_train_checkpoint_and_resume(tones, tmp_path):
     assert "resumed" in outputs[0][1]
     with ocp.CheckpointManager(tmp_path / "two" / "checkpoints") as manager:
         assert {2, 4} <= set(manager.all_steps())
-        data = manager.restore(4).data
+        data = manager.restore(4, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data
     assert set(data) == {"process_0", "process_1"}  # each process's iterator state
     import af2_jax
 

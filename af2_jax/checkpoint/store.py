@@ -207,7 +207,10 @@ def load(path, dtype="bfloat16", mesh=None, *, param_dtype=None):
     if missing or extra or wrong:
         raise CheckpointError(f"{folder}: parameters do not match config.json (missing {missing[:5]}, unexpected "
                               f"{extra[:5]}, wrong shape {wrong[:5]}); re-convert the checkpoint")
-    shardings = {p: None for p, _ in variables}
+    # Without a mesh, everything goes to one device, whatever layout the checkpoint was written from (a multi-host
+    # training run, `convert --mesh`): Orbax would otherwise try to restore the writer's device layout.
+    single = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shardings = {p: single for p, _ in variables}
     if mesh is not None:
         from af2_jax.sharding import Placement, format_mesh, variable_sharding
 
