@@ -70,6 +70,21 @@ def main(argv=None) -> int:
     return 0 if report["fits"] in (None, True) else 1
 
 
+def _model_and_mesh(args):
+    """The model config, the mesh (on a CPU host, only as many simulated devices as it needs) and its placement."""
+    import jax
+
+    from af2_jax.config import AF2Config, preset
+    from af2_jax.sharding import Placement, make_mesh
+
+    config = preset(args.model) if args.model in PRESETS else AF2Config.from_file(args.model)
+    devices = jax.devices()
+    if devices[0].platform == "cpu" and len(devices) > _devices_needed(args.mesh):
+        devices = devices[:_devices_needed(args.mesh)]
+    mesh = make_mesh(args.mesh, devices)
+    return config, mesh, Placement(mesh, config)
+
+
 def _shard_bytes(shape, dtype, sharding) -> int:
     import numpy as np
 
@@ -81,17 +96,11 @@ def plan(args) -> dict:
     import jax.numpy as jnp
     from flax import nnx
 
-    from af2_jax.config import AF2Config, preset
     from af2_jax.generate import bucket_prompt, bucket_rows, bucket_windows
     from af2_jax.nn.af2 import AF2Model
-    from af2_jax.sharding import Placement, batch_sharding, format_mesh, make_mesh, variable_sharding
+    from af2_jax.sharding import batch_sharding, format_mesh, variable_sharding
 
-    config = preset(args.model) if args.model in PRESETS else AF2Config.from_file(args.model)
-    devices = jax.devices()
-    if jax.devices()[0].platform == "cpu" and len(devices) > _devices_needed(args.mesh):
-        devices = devices[:_devices_needed(args.mesh)]
-    mesh = make_mesh(args.mesh, devices)
-    placement = Placement(mesh, config)
+    config, mesh, placement = _model_and_mesh(args)
     dtype = jnp.dtype(args.dtype)
     abstract = nnx.eval_shape(lambda: AF2Model(config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
@@ -180,19 +189,12 @@ def plan_training(args) -> dict:
     import optax
     from flax import nnx
 
-    from af2_jax.config import AF2Config, preset
     from af2_jax.nn.af2 import AF2Model
-    from af2_jax.sharding import (Placement, activation_sharding, batch_sharding, format_mesh, make_mesh,
-                                  variable_sharding)
+    from af2_jax.sharding import activation_sharding, batch_sharding, format_mesh, variable_sharding
     from af2_jax.training.config import OptimSection
     from af2_jax.training.step import TrainState, make_train_step, split_model
 
-    config = preset(args.model) if args.model in PRESETS else AF2Config.from_file(args.model)
-    devices = jax.devices()
-    if devices[0].platform == "cpu" and len(devices) > _devices_needed(args.mesh):
-        devices = devices[:_devices_needed(args.mesh)]
-    mesh = make_mesh(args.mesh, devices)
-    placement = Placement(mesh, config)
+    config, mesh, placement = _model_and_mesh(args)
     batch_sharding(mesh, args.batch, 2)  # refuses an indivisible batch with one line
     compute = jnp.dtype(args.dtype)
     abstract = nnx.eval_shape(lambda: AF2Model(config, dtype=compute, param_dtype=jnp.float32,
