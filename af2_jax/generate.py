@@ -24,7 +24,9 @@ from flax import nnx
 
 from af2_jax.sharding import activation_sharding
 
-WINDOW_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 30)
+# At most a quarter of a bucket is padding: every padded window costs a full HTSAT pass and its share of the
+# cross-attention K/V read at every decoding step.
+WINDOW_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 20, 24, 30)
 MIN_PROMPT_BUCKET = 16
 
 
@@ -104,11 +106,10 @@ def _encode(state, audio_x, audio_x_mask, *, graphdef):
     """HTSAT over every window, the audio transformer, and every layer's cross-attention K/V: once per request."""
     model = nnx.merge(graphdef, state)
     media, media_mask = model.encode_audio(audio_x, audio_x_mask)
-    media_k, media_v = model.media_kv(media)
-    return media_k, media_v, media_mask
+    return model.media_kv(media), media_mask
 
 
-def _decode(state, media_k, media_v, media_mask, input_ids, attention_mask, key, *, graphdef, max_new_tokens: int,
+def _decode(state, media_kv, media_mask, input_ids, attention_mask, key, *, graphdef, max_new_tokens: int,
             sampling: Sampling, eos: int, pad: int, stream: bool = False):
     """Prefill, then the decode loop in one `lax.while_loop`."""
     model = nnx.merge(graphdef, state)
@@ -122,7 +123,7 @@ def _decode(state, media_k, media_v, media_mask, input_ids, attention_mask, key,
     next_position = positions[:, -1] + 1
 
     prefill_mask = (slots[None, None, :] <= jnp.arange(prompt_len)[None, :, None]) & key_valid[:, None, :]
-    hidden, cache = model.cached_step(input_ids, positions, prefill_mask, media_k, media_v, media_mask,
+    hidden, cache = model.cached_step(input_ids, positions, prefill_mask, media_kv, media_mask,
                                       model.init_cache(b, total), 0)
     key, step_key = jax.random.split(key)
     first = sample(model.logits(hidden[:, -1]), step_key, sampling)
@@ -142,8 +143,8 @@ def _decode(state, media_k, media_v, media_mask, input_ids, attention_mask, key,
         last = tokens[:, step - 1]
         slot = prompt_len + step - 1
         mask = (slots[None, None, :] <= slot) & key_valid[:, None, :]
-        hidden, cache = model.cached_step(last[:, None], (next_position + step - 1)[:, None], mask, media_k,
-                                          media_v, media_mask, cache, slot)
+        hidden, cache = model.cached_step(last[:, None], (next_position + step - 1)[:, None], mask, media_kv,
+                                          media_mask, cache, slot)
         key, step_key = jax.random.split(key)
         token = sample(model.logits(hidden[:, 0]), step_key, sampling)
         token = jnp.where(done, pad, token)
@@ -193,9 +194,9 @@ def generate(model, input_ids, attention_mask, audio_x, audio_x_mask, max_new_to
     start = time.perf_counter()
     with activation_sharding(mesh, model.config):
         encode, timings["compile_s"] = _compiled(_encode, (state, audio, audio_mask), {"graphdef": graphdef})
-    media_k, media_v, media_mask = jax.block_until_ready(encode(state, audio, audio_mask))
+    media_kv, media_mask = jax.block_until_ready(encode(state, audio, audio_mask))
     timings["encode_s"] = time.perf_counter() - start - timings["compile_s"]
-    args = (state, media_k, media_v, media_mask, ids, mask, key if key is not None else jax.random.key(0))
+    args = (state, media_kv, media_mask, ids, mask, key if key is not None else jax.random.key(0))
     statics = {"graphdef": graphdef, "max_new_tokens": int(max_new_tokens), "sampling": sampling, "eos": eos,
                "pad": pad, "stream": on_token is not None}
     start = time.perf_counter()

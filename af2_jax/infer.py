@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument("--mesh", metavar="SPEC",
                        help="shard over devices, e.g. 'tensor=4' or 'data=2,tensor=4' (axes data, fsdp, tensor); "
                             "default: one device")
+    model.add_argument("--scan-layers", action="store_true",
+                       help="keep the LM layers stacked in one lax.scan: faster compilation, slower decoding "
+                            "(default: one buffer per layer)")
     gen = p.add_argument_group("generation")
     gen.add_argument("--max-new-tokens", type=int, default=256)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default, as the benchmarks)")
@@ -151,7 +154,7 @@ def _load(args, path: Path, why: str, mesh):
     from af2_jax.sharding import format_mesh
 
     start = time.perf_counter()
-    model = af2_jax.load(path, dtype=args.dtype, mesh=mesh)
+    model = af2_jax.load(path, dtype=args.dtype, mesh=mesh, scan_layers=args.scan_layers)
     device = jax.devices()[0]
     log.info("checkpoint: %s (%s); dtype %s; device %s (%s) x%d; mesh: %s; loaded in %.1f s",
              path, why, args.dtype, device.platform, device.device_kind, jax.device_count(),

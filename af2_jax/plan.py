@@ -37,6 +37,8 @@ def _parser():
     p.add_argument("--new", type=int, default=256, help="new tokens")
     p.add_argument("--hbm-gb", type=float, help="device memory to check against, in GB (1e9 bytes)")
     p.add_argument("--no-compile", action="store_true", help="skip the compiled programs' temporaries")
+    p.add_argument("--scan-layers", action="store_true",
+                   help="(serving) plan the stacked-layer layout, as `infer --scan-layers`")
     p.add_argument("--train", metavar="PRESET", help="plan a train step with this trainable set instead of serving")
     p.add_argument("--remat", action="store_true", help="(--train) recompute LM layers in the backward pass")
     return p
@@ -102,7 +104,8 @@ def plan(args) -> dict:
 
     config, mesh, placement = _model_and_mesh(args)
     dtype = jnp.dtype(args.dtype)
-    abstract = nnx.eval_shape(lambda: AF2Model(config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: AF2Model(config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0),
+                                               scan_layers=args.scan_layers))
     graphdef, state = nnx.split(abstract)
     weights = 0
     shardings = {}
@@ -170,9 +173,8 @@ def _temporaries(graphdef, state, shardings, mesh, config, rows, windows, prompt
     audio = (abstract_state, batch((rows, windows, samples), jnp.float32), batch((rows, windows), jnp.float32))
     with activation_sharding(mesh, config):
         audio_program = jax.jit(lambda *a: _encode(*a, graphdef=graphdef)).lower(*audio).compile()
-    media_k, media_v, media_mask = jax.eval_shape(lambda *a: _encode(*a, graphdef=graphdef), *audio)
-    text = (abstract_state, spec(media_k.shape, media_k.dtype), spec(media_v.shape, media_v.dtype),
-            batch(media_mask.shape, media_mask.dtype), batch((rows, prompt), jnp.int32),
+    media_kv, media_mask = jax.eval_shape(lambda *a: _encode(*a, graphdef=graphdef), *audio)
+    text = (abstract_state, media_kv, batch(media_mask.shape, media_mask.dtype), batch((rows, prompt), jnp.int32),
             batch((rows, prompt), jnp.int32), jax.random.key(0))
     statics = dict(graphdef=graphdef, max_new_tokens=new, sampling=Sampling(), eos=config.tokens.eos,
                    pad=config.tokens.pad)

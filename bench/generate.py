@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from af2_jax.config import AF2Config, AudioTransformerConfig, HTSATConfig, LMConfig, preset  # noqa: E402
 from af2_jax.generate import compiled_programs, generate, left_pad  # noqa: E402
+from af2_jax.nn.af2 import relayout  # noqa: E402
 
 SMALL = AF2Config(
     htsat=HTSATConfig(embed_dim=64, depths=(2, 2, 6, 2), num_heads=(2, 4, 8, 16)),
@@ -195,15 +196,19 @@ def main():
     p.add_argument("--no-reference", action="store_true")
     p.add_argument("--manifest", action="store_true", help="also count compilations for a 50-item manifest")
     p.add_argument("--quick", action="store_true", help="one program per batch size (see bench_jax_quick)")
+    p.add_argument("--scan-layers", action="store_true",
+                   help="decode with the layers stacked in one lax.scan (default: unstacked, as `infer`)")
     p.add_argument("--hbm-tbps", type=float, default=3.35, help="memory bandwidth for the roofline (H100 SXM: 3.35)")
     args = p.parse_args()
     config = SMALL if args.model == "small" else preset(args.model)
     dtype = jnp.dtype(args.dtype)
     jax.config.update("jax_default_matmul_precision", "highest" if dtype == jnp.float32 else "default")
     model, ref = build_pair(config, not args.no_reference, dtype)
+    model = relayout(model, args.scan_layers)
     device = jax.devices()[0]
     print(f"device: {device.platform} ({device.device_kind}); model {args.model}, {args.dtype}, {args.windows} "
-          f"windows, {args.prompt}-token prompt, {args.new} new tokens")
+          f"windows, {args.prompt}-token prompt, {args.new} new tokens; layers "
+          f"{'stacked' if args.scan_layers else 'unstacked'}")
     print("| batch | impl | encode s | prefill s | decode tok/s | total s | compile s |")
     print("|---|---|---|---|---|---|---|")
     for batch in map(int, args.batches.split(",")):

@@ -119,6 +119,16 @@ def main(fixture: str, meshes: list[str]) -> None:
         for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(nnx.state(restored))):
             assert b[...].sharding.is_equivalent_to(a[...].sharding, a[...].ndim), path
             np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]))
+        # The serving layout: restored, then unstacked one parameter at a time into the same shards.
+        unstacked = af2_jax.load(checkpoint, dtype="float32", mesh=mesh, scan_layers=False)
+        for path, var in nnx.to_flat_state(nnx.state(unstacked.layers)):
+            value = var[...]
+            expected = placement.sharding(var.get_metadata()["out_sharding"], value.shape)
+            assert value.sharding.is_equivalent_to(expected, value.ndim), (spec, path, value.sharding, expected)
+        np.testing.assert_array_equal(np.asarray(unstacked.layers[1].xattn.to_q.kernel[...]),
+                                      np.asarray(model.layers.xattn.to_q.kernel[...][1]))
+        tokens_unstacked = generate(unstacked, *(batch[n] for n in gen), max_new_tokens=8, mesh=mesh).tokens
+        np.testing.assert_array_equal(tokens_unstacked, tokens_single)
         if data > 1:  # a batch that does not split over the data axes is refused before anything compiles
             try:
                 batch_sharding(mesh, data + 1, 2)

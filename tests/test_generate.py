@@ -6,32 +6,38 @@ from flax import nnx
 
 from af2_jax.checkpoint import load_original
 from af2_jax.generate import bucket_prompt, bucket_windows, generate, left_pad
+from af2_jax.nn.af2 import relayout
 
 _CACHE = {}
+# Both layer layouts decode: stacked (one lax.scan; checkpoints, training) and unstacked (serving, `infer`).
+LAYOUTS = pytest.mark.parametrize("scan_layers", [True, False], ids=["stacked", "unstacked"])
 
 
-def _model(golden):
-    if golden.name not in _CACHE:
-        _CACHE[golden.name] = load_original(golden.weights, golden.config)
-    return _CACHE[golden.name]
+def _model(golden, scan_layers=False):
+    if (golden.name, scan_layers) not in _CACHE:
+        model = load_original(golden.weights, golden.config)
+        _CACHE[golden.name, scan_layers] = relayout(model, scan_layers)
+    return _CACHE[golden.name, scan_layers]
 
 
-def test_batched_greedy_equals_the_original(golden):
+@LAYOUTS
+def test_batched_greedy_equals_the_original(golden, scan_layers):
     i, o = golden.inputs, golden.outputs
     n = o["generated_ids"].shape[1] - i["gen_input_ids"].shape[1]
-    out = generate(_model(golden), i["gen_input_ids"], i["gen_attention_mask"], i["audio_x"], i["audio_x_mask"],
+    out = generate(_model(golden, scan_layers), i["gen_input_ids"], i["gen_attention_mask"], i["audio_x"], i["audio_x_mask"],
                    max_new_tokens=n)
     np.testing.assert_array_equal(out.tokens, o["generated_ids"][:, -n:])
     np.testing.assert_array_equal(np.concatenate([i["gen_input_ids"], out.tokens], axis=1), o["generated_ids"])
 
 
-def test_each_row_alone_equals_the_original(golden):
+@LAYOUTS
+def test_each_row_alone_equals_the_original(golden, scan_layers):
     i, o = golden.inputs, golden.outputs
     n = o["generated_tokens"].shape[1]
     for row in range(i["gen_input_ids"].shape[0]):
         ids = i["gen_input_ids"][row][i["gen_attention_mask"][row] == 1][None]
         windows = int(i["audio_x_mask"][row].sum())
-        out = generate(_model(golden), ids, np.ones_like(ids), i["audio_x"][row:row + 1, :windows],
+        out = generate(_model(golden, scan_layers), ids, np.ones_like(ids), i["audio_x"][row:row + 1, :windows],
                        i["audio_x_mask"][row:row + 1, :windows], max_new_tokens=n)
         np.testing.assert_array_equal(out.tokens[0], o["generated_tokens"][row])
         assert out.lengths[0] == n  # no stored decode hits eos
@@ -64,8 +70,9 @@ def _batch(prompts, clips, pad):
     return ids, mask, audio, audio_mask
 
 
-def test_rows_of_a_mixed_batch_equal_each_row_alone(golden):
-    model = _model(golden)
+@LAYOUTS
+def test_rows_of_a_mixed_batch_equal_each_row_alone(golden, scan_layers):
+    model = _model(golden, scan_layers)
     prompts, clips = _mixed_batch(golden)
     pad = golden.config.tokens.pad
     together = generate(model, *_batch(prompts, clips, pad), max_new_tokens=10)
@@ -79,15 +86,16 @@ def test_rows_of_a_mixed_batch_equal_each_row_alone(golden):
 
 
 def test_cached_decoding_equals_full_recomputation(golden):
-    model = _model(golden)
+    """Cached decoding in the serving layout against the full forward recomputed at every step in the stacked
+    layout (one compiled program per length, so the quicker-compiling layout)."""
     prompts, clips = _mixed_batch(golden)
     ids, mask, audio, audio_mask = _batch(prompts[:1], clips[:1], golden.config.tokens.pad)
     steps = 6
-    cached = generate(model, ids, mask, audio, audio_mask, max_new_tokens=steps).tokens[0]
+    cached = generate(_model(golden, scan_layers=False), ids, mask, audio, audio_mask, max_new_tokens=steps).tokens[0]
     forward = nnx.jit(lambda m, a, am, x: m.forward_audio_text(a, am, x))
     sequence = list(ids[0])
     for _ in range(steps):
-        logits = forward(model, audio, audio_mask, np.asarray([sequence]))
+        logits = forward(_model(golden, scan_layers=True), audio, audio_mask, np.asarray([sequence]))
         sequence.append(int(np.argmax(logits[0, -1])))
     np.testing.assert_array_equal(cached, sequence[len(ids[0]):])
 
@@ -127,7 +135,8 @@ def test_rows_stop_at_their_own_eos(golden):
 
 def test_buckets():
     assert [bucket_prompt(n) for n in (1, 16, 17, 100, 512)] == [16, 16, 32, 128, 512]
-    assert [bucket_windows(n) for n in (1, 3, 12, 13, 30)] == [1, 4, 12, 16, 30]
+    assert [bucket_windows(n) for n in (1, 3, 5, 7, 12, 13, 17, 30)] == [1, 3, 6, 8, 12, 16, 20, 30]
+    assert all((bucket_windows(n) - n) / bucket_windows(n) <= 1 / 4 for n in range(1, 31))
 
 
 def test_left_padded_batch_equals_the_pytorch_reference(golden):

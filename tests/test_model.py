@@ -8,15 +8,16 @@ from flax import nnx
 import af2_jax
 from af2_jax.checkpoint import load_original
 from af2_jax.convert import main as convert_cli
+from af2_jax.nn.af2 import relayout
 from conftest import rel_err
 
 _CACHE = {}
 
 
-def _model(golden):
-    if golden.name not in _CACHE:
-        _CACHE[golden.name] = load_original(golden.weights, golden.config)
-    return _CACHE[golden.name]
+def _model(golden, scan_layers=True):
+    if (golden.name, scan_layers) not in _CACHE:
+        _CACHE[golden.name, scan_layers] = relayout(load_original(golden.weights, golden.config), scan_layers)
+    return _CACHE[golden.name, scan_layers]
 
 
 def _masked(array, attention_mask):
@@ -33,11 +34,12 @@ def test_audio_transformer_from_clap_embeds(golden):
     np.testing.assert_array_equal(media_mask, np.repeat(golden.inputs["audio_x_mask"], tokens, axis=1))
 
 
-def test_language_model_stage_by_stage(golden):
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["stacked", "unstacked"])
+def test_language_model_stage_by_stage(golden, scan_layers):
     i, o = golden.inputs, golden.outputs
     media_mask = np.repeat(i["audio_x_mask"], golden.config.htsat.tokens_per_window, axis=1)
     logits, inter = nnx.jit(lambda m, *a: m(*a, return_intermediates=True))(
-        _model(golden), i["input_ids"], i["attention_mask"], o["audio_transformer_out"], media_mask)
+        _model(golden, scan_layers), i["input_ids"], i["attention_mask"], o["audio_transformer_out"], media_mask)
     am = i["attention_mask"]
     assert inter.xattn_out.shape == o["xattn_out"].shape
     for layer in range(golden.config.lm.num_layers):
@@ -73,6 +75,23 @@ def test_end_to_end_from_converted_checkpoint(golden, converted, layout):
     ours, expected = _masked(logits, am), _masked(golden.outputs["logits"], am)
     assert np.abs(ours - expected).max() <= 1e-2
     np.testing.assert_array_equal(ours.argmax(-1), expected.argmax(-1))
+
+
+def test_unstacked_layout_loads_and_saves_as_the_stacked(golden, converted, tmp_path):
+    """The serving layout holds layer i of every stacked parameter as its own array, and is saved back in the
+    stacked checkpoint layout bit for bit."""
+    path = converted(golden, "plain")
+    stacked = dict(nnx.to_flat_state(nnx.state(af2_jax.load(path, dtype="float32"))))
+    unstacked = af2_jax.load(path, dtype="float32", scan_layers=False)
+    assert isinstance(unstacked.layers, nnx.List) and len(unstacked.layers) == golden.config.lm.num_layers
+    for path_, var in nnx.to_flat_state(nnx.state(unstacked)):
+        expected = stacked[("layers", *path_[2:])][...][path_[1]] if path_[0] == "layers" else stacked[path_][...]
+        np.testing.assert_array_equal(np.asarray(var[...]), np.asarray(expected), err_msg=str(path_))
+    af2_jax.save(unstacked, tmp_path / "resaved")
+    resaved = dict(nnx.to_flat_state(nnx.state(af2_jax.load(tmp_path / "resaved", dtype="float32"))))
+    assert resaved.keys() == stacked.keys()
+    for key, var in stacked.items():
+        np.testing.assert_array_equal(np.asarray(resaved[key][...]), np.asarray(var[...]), err_msg=str(key))
 
 
 def test_bfloat16_keeps_confident_argmax(golden, tmp_path, capsys):

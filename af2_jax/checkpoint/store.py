@@ -136,20 +136,32 @@ def model_variables(model: nnx.Module) -> list[tuple[str, nnx.Variable]]:
     return state_variables(nnx.split(model)[1])
 
 
-def storage_dtype(var: nnx.Variable, dtype) -> np.dtype:
-    """Parameters are stored in the requested dtype; BatchNorm running statistics always in float32 (bfloat16
-    would move the mel normalisation by tenths of a dB)."""
-    return np.dtype(np.float32) if isinstance(var, nnx.BatchStat) else np.dtype(dtype)
+def checkpoint_arrays(model) -> list[tuple[str, jax.Array, bool]]:
+    """(checkpoint path, value, is a BatchNorm statistic) for every variable, in the stacked layout checkpoints
+    use whatever the model's: an unstacked model's layers are stacked one parameter at a time."""
+    if getattr(model, "scan_layers", True):
+        return [(p, v[...], isinstance(v, nnx.BatchStat)) for p, v in model_variables(model)]
+    from af2_jax.nn.af2 import stacked_layer_arrays
+
+    return [(p, value, False) for p, value in stacked_layer_arrays(model)] + [
+        (p, v[...], isinstance(v, nnx.BatchStat)) for p, v in model_variables(model) if not p.startswith("layers.")]
+
+
+def storage_dtype(var: nnx.Variable | bool, dtype) -> np.dtype:
+    """Parameters are stored in the requested dtype; BatchNorm running statistics (a BatchStat variable, or True)
+    always in float32 (bfloat16 would move the mel normalisation by tenths of a dB)."""
+    batch_stat = var if isinstance(var, bool) else isinstance(var, nnx.BatchStat)
+    return np.dtype(np.float32) if batch_stat else np.dtype(dtype)
 
 
 def save(model, dst, *, tokenizer=None, dtype=None, overwrite: bool = False, meta: dict | None = None) -> Path:
     """Writes a model (and optionally its tokenizer) as an af2-jax checkpoint, e.g. after training. With several
     JAX processes every process calls it: each writes its own shards, process 0 the rest."""
-    variables = model_variables(model)
+    arrays = checkpoint_arrays(model)
     dtype = np.dtype(dtype or model.dtype)
     if jax.process_count() > 1:
-        return _save_from_processes(model, variables, Path(dst), tokenizer, dtype, overwrite, meta)
-    params = {p: jax.device_put(np.asarray(v[...]).astype(storage_dtype(v, dtype))) for p, v in variables}
+        return _save_from_processes(model, arrays, Path(dst), tokenizer, dtype, overwrite, meta)
+    params = {p: jax.device_put(np.asarray(value).astype(storage_dtype(stat, dtype))) for p, value, stat in arrays}
     with AtomicFolder(dst, overwrite) as tmp:
         save_tree(tmp / "params", nest(params))
         if tokenizer is not None:
@@ -158,7 +170,7 @@ def save(model, dst, *, tokenizer=None, dtype=None, overwrite: bool = False, met
     return Path(dst)
 
 
-def _save_from_processes(model, variables, dst: Path, tokenizer, dtype, overwrite: bool, meta) -> Path:
+def _save_from_processes(model, arrays, dst: Path, tokenizer, dtype, overwrite: bool, meta) -> Path:
     """`save` for a model sharded over several processes (shared filesystem): Orbax writes every process's shards
     into a temporary folder, then process 0 adds config and tokenizer and renames it into place."""
     from jax.experimental import multihost_utils
@@ -170,7 +182,7 @@ def _save_from_processes(model, variables, dst: Path, tokenizer, dtype, overwrit
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     multihost_utils.sync_global_devices("af2_jax.save:start")
-    save_tree(tmp / "params", nest({p: v[...].astype(storage_dtype(v, dtype)) for p, v in variables}))
+    save_tree(tmp / "params", nest({p: value.astype(storage_dtype(stat, dtype)) for p, value, stat in arrays}))
     if jax.process_index() == 0:
         if tokenizer is not None:
             tokenizer.save(tmp / "tokenizer")
@@ -182,12 +194,13 @@ def _save_from_processes(model, variables, dst: Path, tokenizer, dtype, overwrit
     return dst
 
 
-def load(path, dtype="bfloat16", mesh=None, *, param_dtype=None):
+def load(path, dtype="bfloat16", mesh=None, *, param_dtype=None, scan_layers: bool = True):
     """Loads a checkpoint written by `python -m af2_jax.convert` as an `AF2Model` whose weights and activations
     are in `dtype` ("float32" or "bfloat16"); `param_dtype` keeps the weights in another dtype (training: float32
     master weights, bfloat16 compute). With a `mesh` (`af2_jax.sharding.make_mesh`), every parameter is
-    restored straight into its shards as the rules table places it: no host holds a full copy."""
-    from af2_jax.nn.af2 import AF2Model
+    restored straight into its shards as the rules table places it: no host holds a full copy. `scan_layers=False`
+    returns the layers unstacked, the faster layout for decoding (`af2_jax.nn.af2`)."""
+    from af2_jax.nn.af2 import AF2Model, relayout
 
     folder = Path(path)
     if not folder.is_dir():
@@ -232,4 +245,4 @@ def load(path, dtype="bfloat16", mesh=None, *, param_dtype=None):
             raise CheckpointError(f"{tokenizer_json}: {size} tokens but the model has {config.lm.vocab_size} "
                                   "embedding rows; re-convert the checkpoint")
     log.info("loaded %s (%s)", folder, dtype.name)
-    return model
+    return relayout(model, scan_layers)
