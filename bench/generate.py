@@ -10,6 +10,9 @@ tokens. Greedy, EOS disabled so every run decodes all tokens. Phases: encode = t
 transformer, and for JAX also every layer's cross-attention K/V); prefill = the text part of a 1-token run;
 decode tokens/s = (N - 1) * B / (text time of an N-token run - prefill). The reference is timed the same way by
 difference (its 1-token run minus its encode). Medians of --repeats runs after a warm-up run (which also compiles).
+On the CPU a "memory floor" row bounds what any implementation can decode: the bytes one step must read (weights,
+K/V, cache) at the best rate this machine streams a 1 GB matrix through a product with as many rows as the batch
+(JAX or PyTorch, whichever is faster).
 """
 
 from __future__ import annotations
@@ -148,6 +151,39 @@ def decode_weight_bytes(model) -> int:
     return total
 
 
+def step_bytes(model, batch: int, windows: int, total_len: int) -> int:
+    """Bytes one decoding step must read: the weights (`decode_weight_bytes`), every layer's cross-attention K/V
+    and text KV cache for every row."""
+    cfg = model.config
+    from af2_jax.generate import bucket_windows
+
+    itemsize = jnp.dtype(model.dtype).itemsize
+    media = bucket_windows(windows) * cfg.htsat.tokens_per_window
+    per_row = cfg.lm.num_layers * 2 * (cfg.cross_attention.heads * media * cfg.cross_attention.dim_head +
+                                       cfg.lm.num_kv_heads * total_len * cfg.lm.head_dim)
+    return decode_weight_bytes(model) + batch * per_row * itemsize
+
+
+def read_rate(rows: int, repeats: int = 5) -> float:
+    """Best bytes/s at which this machine streams a 1 GB float32 matrix through a (rows x 1024) @ (1024 x 262144)
+    product, in JAX and in PyTorch: the rate a decoding step's weight reads cannot beat."""
+    import torch
+
+    weight = np.random.default_rng(0).standard_normal((1024, 1 << 18), dtype=np.float32)
+    x = np.ones((rows, 1024), np.float32)
+    product = jax.jit(jnp.matmul)
+    wj, xj = jnp.asarray(weight), jnp.asarray(x)
+    wt, xt = torch.from_numpy(weight), torch.from_numpy(x)
+    best = float("inf")
+    for run in (lambda: product(xj, wj).block_until_ready(), lambda: xt @ wt):
+        run()
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run()
+            best = min(best, time.perf_counter() - start)
+    return weight.nbytes / best
+
+
 def bench_reference(ref, audio, audio_mask, ids, mask, new_tokens, repeats):
     import torch
 
@@ -224,6 +260,12 @@ def main():
                   flush=True)
         if ref is not None:
             theirs = bench_reference(ref, *data, args.new, args.repeats)
+            if device.platform == "cpu":
+                nbytes, rate = step_bytes(model, batch, args.windows, args.prompt + args.new), read_rate(batch)
+                floor_tps = batch * rate / nbytes
+                print(f"| {batch} | memory floor | a step reads {nbytes / 1e6:.0f} MB; best {batch}-row matmul read "
+                      f"rate {rate / 1e9:.1f} GB/s | | {floor_tps:.1f} (at most "
+                      f"{floor_tps / theirs['decode_tps']:.2f}x the reference) | | |", flush=True)
             same = np.array_equal(ours["tokens"], theirs["tokens"])
             print(f"| {batch} | reference | {theirs['encode']:.3f} | {theirs['prefill']:.3f} | "
                   f"{theirs['decode_tps']:.1f} | {theirs['total']:.3f} | - |")
