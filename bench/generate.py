@@ -2,6 +2,7 @@
 decoding the way the original does (transformers' KV cache for the text, cross-attention K/V recomputed every step).
 
     python bench/generate.py                      # the small model below, float32, this CPU, batch 1 and 8
+    python bench/generate.py --compare-layouts    # JAX alone: stacked vs unstacked layers (infer's default)
     python bench/generate.py --model af2-3b --dtype bfloat16 --windows 12 --batches 1,8 --no-reference   # (GPU)
 
 Small model (the issue's): LM hidden 512, 8 layers, 8 heads / 2 KV, intermediate 1536, vocab 151669, cross-attention
@@ -199,6 +200,26 @@ def bench_reference(ref, audio, audio_mask, ids, mask, new_tokens, repeats):
             (t_all - t_one), "total": t_all, "tokens": tokens}
 
 
+def compare_layouts(config, dtype, args):
+    """Stacked vs unstacked layers on the same random weights, alternated twice per batch size so that a noisy
+    machine affects both alike."""
+    models = {"stacked": random_model_from(config, dtype),
+              "unstacked": relayout(random_model_from(config, dtype), scan_layers=False)}
+    print("| batch | layers | round | encode s | prefill s | decode tok/s | total s | compile s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for batch in map(int, args.batches.split(",")):
+        data = inputs(config, batch, args.windows, args.prompt)
+        tokens = {}
+        for round_ in (1, 2):
+            for name, model in models.items():
+                r = bench_jax(model, *data, args.new, args.repeats)
+                tokens[name] = r["tokens"]
+                print(f"| {batch} | {name} | {round_} | {r['encode']:.3f} | {r['prefill']:.3f} | "
+                      f"{r['decode_tps']:.1f} | {r['total']:.3f} | {r['compile']:.1f} |", flush=True)
+        print(f"| {batch} | greedy tokens identical across layouts: "
+              f"{np.array_equal(tokens['stacked'], tokens['unstacked'])} | | | | | | |")
+
+
 def count_manifest_compilations(model, items=50, batch_size=8, new_tokens=8):
     """Distinct compiled programs for 50 mixed-length items answered the way `infer --manifest` batches them."""
     from af2_jax.generate import bucket_windows
@@ -234,11 +255,15 @@ def main():
     p.add_argument("--quick", action="store_true", help="one program per batch size (see bench_jax_quick)")
     p.add_argument("--scan-layers", action="store_true",
                    help="decode with the layers stacked in one lax.scan (default: unstacked, as `infer`)")
+    p.add_argument("--compare-layouts", action="store_true",
+                   help="JAX only: stacked vs unstacked layers, alternated, on the same weights")
     p.add_argument("--hbm-tbps", type=float, default=3.35, help="memory bandwidth for the roofline (H100 SXM: 3.35)")
     args = p.parse_args()
     config = SMALL if args.model == "small" else preset(args.model)
     dtype = jnp.dtype(args.dtype)
     jax.config.update("jax_default_matmul_precision", "highest" if dtype == jnp.float32 else "default")
+    if args.compare_layouts:
+        return compare_layouts(config, dtype, args)
     model, ref = build_pair(config, not args.no_reference, dtype)
     model = relayout(model, args.scan_layers)
     device = jax.devices()[0]
