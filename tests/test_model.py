@@ -90,8 +90,10 @@ def test_unstacked_layout_loads_and_saves_as_the_stacked(golden, converted, tmp_
     af2_jax.save(unstacked, tmp_path / "resaved")
     resaved = dict(nnx.to_flat_state(nnx.state(af2_jax.load(tmp_path / "resaved", dtype="float32"))))
     assert resaved.keys() == stacked.keys()
+    restacked = dict(nnx.to_flat_state(nnx.state(relayout(unstacked, scan_layers=True))))
     for key, var in stacked.items():
         np.testing.assert_array_equal(np.asarray(resaved[key][...]), np.asarray(var[...]), err_msg=str(key))
+        np.testing.assert_array_equal(np.asarray(restacked[key][...]), np.asarray(var[...]), err_msg=str(key))
 
 
 def test_bfloat16_keeps_confident_argmax(golden, tmp_path, capsys):

@@ -136,22 +136,21 @@ def model_variables(model: nnx.Module) -> list[tuple[str, nnx.Variable]]:
     return state_variables(nnx.split(model)[1])
 
 
-def checkpoint_arrays(model) -> list[tuple[str, jax.Array, bool]]:
-    """(checkpoint path, value, is a BatchNorm statistic) for every variable, in the stacked layout checkpoints
-    use whatever the model's: an unstacked model's layers are stacked one parameter at a time."""
-    if getattr(model, "scan_layers", True):
-        return [(p, v[...], isinstance(v, nnx.BatchStat)) for p, v in model_variables(model)]
-    from af2_jax.nn.af2 import stacked_layer_arrays
+def checkpoint_arrays(model) -> list[tuple[str, jax.Array, nnx.Variable]]:
+    """(checkpoint path, value, variable) for every variable, in the stacked layout checkpoints use whatever the
+    model's: an unstacked model's layers are stacked one parameter at a time (with layer 0's variable)."""
+    arrays = [(p, v[...], v) for p, v in model_variables(model) if model.scan_layers or not p.startswith("layers.")]
+    if not model.scan_layers:
+        from af2_jax.nn.af2 import stacked_layer_arrays
 
-    return [(p, value, False) for p, value in stacked_layer_arrays(model)] + [
-        (p, v[...], isinstance(v, nnx.BatchStat)) for p, v in model_variables(model) if not p.startswith("layers.")]
+        arrays += stacked_layer_arrays(model)
+    return arrays
 
 
-def storage_dtype(var: nnx.Variable | bool, dtype) -> np.dtype:
-    """Parameters are stored in the requested dtype; BatchNorm running statistics (a BatchStat variable, or True)
-    always in float32 (bfloat16 would move the mel normalisation by tenths of a dB)."""
-    batch_stat = var if isinstance(var, bool) else isinstance(var, nnx.BatchStat)
-    return np.dtype(np.float32) if batch_stat else np.dtype(dtype)
+def storage_dtype(var: nnx.Variable, dtype) -> np.dtype:
+    """Parameters are stored in the requested dtype; BatchNorm running statistics always in float32 (bfloat16
+    would move the mel normalisation by tenths of a dB)."""
+    return np.dtype(np.float32) if isinstance(var, nnx.BatchStat) else np.dtype(dtype)
 
 
 def save(model, dst, *, tokenizer=None, dtype=None, overwrite: bool = False, meta: dict | None = None) -> Path:
@@ -161,7 +160,7 @@ def save(model, dst, *, tokenizer=None, dtype=None, overwrite: bool = False, met
     dtype = np.dtype(dtype or model.dtype)
     if jax.process_count() > 1:
         return _save_from_processes(model, arrays, Path(dst), tokenizer, dtype, overwrite, meta)
-    params = {p: jax.device_put(np.asarray(value).astype(storage_dtype(stat, dtype))) for p, value, stat in arrays}
+    params = {p: jax.device_put(np.asarray(value).astype(storage_dtype(var, dtype))) for p, value, var in arrays}
     with AtomicFolder(dst, overwrite) as tmp:
         save_tree(tmp / "params", nest(params))
         if tokenizer is not None:
@@ -182,7 +181,7 @@ def _save_from_processes(model, arrays, dst: Path, tokenizer, dtype, overwrite: 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     multihost_utils.sync_global_devices("af2_jax.save:start")
-    save_tree(tmp / "params", nest({p: value.astype(storage_dtype(stat, dtype)) for p, value, stat in arrays}))
+    save_tree(tmp / "params", nest({p: value.astype(storage_dtype(var, dtype)) for p, value, var in arrays}))
     if jax.process_index() == 0:
         if tokenizer is not None:
             tokenizer.save(tmp / "tokenizer")

@@ -198,16 +198,16 @@ def relayout(model: AF2Model, scan_layers: bool) -> AF2Model:
     graphdef, target = nnx.split(nnx.eval_shape(lambda: AF2Model(
         model.config, dtype=model.dtype, param_dtype=model.dtype, rngs=nnx.Rngs(0), scan_layers=scan_layers)))
     source = dict(nnx.to_flat_state(nnx.state(model)))
-    layers = model.config.lm.num_layers
+    per_layer = _layer_variables(model) if scan_layers else None
     unstacked = {}  # rest of the path -> every layer's piece of that stacked parameter
     for path, var in nnx.to_flat_state(target):
         if path[0] != "layers":
             var.set_value(source[path][...])
         elif scan_layers:  # target ('layers', *rest) from ('layers', i, *rest)
-            parts = [source[("layers", i, *path[1:])] for i in range(layers)]
-            var.set_value(_stack([p[...] for p in parts]))
-            for p in parts:
-                p[...].delete()
+            parts = [v[...] for v in per_layer[path[1:]]]
+            var.set_value(_stack(parts))
+            for part in parts:
+                part.delete()
         else:  # target ('layers', i, *rest) from ('layers', *rest)[i]
             if path[2:] not in unstacked:
                 stacked = source[("layers", *path[2:])][...]
@@ -217,13 +217,21 @@ def relayout(model: AF2Model, scan_layers: bool) -> AF2Model:
     return nnx.merge(graphdef, target)
 
 
-def stacked_layer_arrays(model: AF2Model) -> list[tuple[str, jax.Array]]:
-    """(dotted path in the stacked layout, stacked value) for every layer parameter of an unstacked model: new
-    arrays, built one parameter at a time (checkpoints are always written stacked)."""
+def stacked_layer_arrays(model: AF2Model) -> list[tuple[str, jax.Array, nnx.Variable]]:
+    """(dotted path in the stacked layout, stacked value, layer 0's variable) for every layer parameter of an
+    unstacked model: new arrays, built one parameter at a time (checkpoints are always written stacked)."""
+    return [(".".join(map(str, ("layers", *path))), _stack([v[...] for v in variables]), variables[0])
+            for path, variables in _layer_variables(model).items()]
+
+
+def _layer_variables(model: AF2Model) -> dict[tuple, list[nnx.Variable]]:
+    """An unstacked model's layer parameters: path inside a layer -> that parameter's variable in every layer, in
+    layer order."""
     per_layer = {}
-    for path, var in nnx.to_flat_state(nnx.state(model.layers)):
-        per_layer.setdefault(".".join(map(str, ("layers", *path[1:]))), []).append(var[...])
-    return [(name, _stack(parts)) for name, parts in per_layer.items()]
+    for layer in model.layers:
+        for path, var in nnx.to_flat_state(nnx.state(layer)):
+            per_layer.setdefault(path, []).append(var)
+    return per_layer
 
 
 def _layer_sharding(sharding, stacked: bool):
