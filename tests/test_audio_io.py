@@ -146,6 +146,14 @@ def _bad_files(tmp_path, audio_files):
     truncated = tmp_path / "truncated.flac"
     data = audio_files["long25"].read_bytes()
     truncated.write_bytes(data[: len(data) // 3])
+    truncated_wav = tmp_path / "truncated.wav"  # libsndfile reads what is there without a word
+    sf.write(str(truncated_wav), np.full(16000, 0.25, np.float32), 16000, subtype="PCM_16")
+    data = truncated_wav.read_bytes()
+    truncated_wav.write_bytes(data[: len(data) // 2])
+    truncated_aiff = tmp_path / "truncated.aiff"
+    sf.write(str(truncated_aiff), np.full(16000, 0.25, np.float32), 16000, subtype="PCM_16")
+    data = truncated_aiff.read_bytes()
+    truncated_aiff.write_bytes(data[: len(data) // 2])
     empty = tmp_path / "empty.wav"
     empty.write_bytes(b"")
     no_frames = tmp_path / "no_frames.wav"
@@ -157,13 +165,16 @@ def _bad_files(tmp_path, audio_files):
         "directory": (tmp_path, "is a directory"),
         "text": (text, "cannot be decoded as audio"),
         "truncated": (truncated, "truncated|corrupt"),
+        "truncated_wav": (truncated_wav, "is truncated: its header promises 32000 bytes"),
+        "truncated_aiff": (truncated_aiff, "is truncated"),
         "empty": (empty, "is empty"),
         "no_frames": (no_frames, "contains no audio samples"),
         "nan": (nan, "NaN"),
     }
 
 
-@pytest.mark.parametrize("case", ["missing", "directory", "text", "truncated", "empty", "no_frames", "nan"])
+@pytest.mark.parametrize("case", ["missing", "directory", "text", "truncated", "truncated_wav", "truncated_aiff",
+                                  "empty", "no_frames", "nan"])
 def test_bad_input_gives_one_clear_line(tmp_path, audio_files, case):
     path, problem = _bad_files(tmp_path, audio_files)[case]
     with pytest.raises(AudioError, match=problem) as err:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import struct
 import warnings
 from typing import Sequence
 
@@ -47,6 +48,33 @@ def _check_path(path) -> None:
         raise _fail(path, "is empty (0 bytes); re-export or re-download the file")
 
 
+# Sizes a streaming writer puts in a data chunk header before it knows the length: no promise to check.
+_UNKNOWN_CHUNK_SIZES = (0, 0xFFFFFFFF)
+
+
+def _check_not_cut_off(path) -> None:
+    """A WAV (RIFF/RIFX) or AIFF file whose sample chunk is shorter than its header says is an error: libsndfile
+    silently shortens such a file to the bytes that are there. Other formats fail in the decoder."""
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if head[:4] in (b"RIFF", b"RIFX") and head[8:12] == b"WAVE":
+            order, samples_chunk = ("<" if head[:4] == b"RIFF" else ">"), b"data"
+        elif head[:4] == b"FORM" and head[8:12] in (b"AIFF", b"AIFC"):
+            order, samples_chunk = ">", b"SSND"
+        else:
+            return
+        while len(chunk := f.read(8)) == 8:
+            name, size = chunk[:4], struct.unpack(order + "I", chunk[4:])[0]
+            if name != samples_chunk:
+                f.seek(size + (size & 1), os.SEEK_CUR)  # chunks are padded to an even length
+                continue
+            present = os.fstat(f.fileno()).st_size - f.tell()
+            if size not in _UNKNOWN_CHUNK_SIZES and present < size:
+                raise _fail(path, f"is truncated: its header promises {size} bytes of samples but only {present} "
+                                  "are there; re-export or re-download the file")
+            return
+
+
 def _open(path):
     import soundfile  # imported here so that device-only code paths (features, encoder) need no libsndfile
 
@@ -68,6 +96,7 @@ def read_audio(path, *, max_seconds: float | None = None, sample_rate: int = 160
     """
     path = os.fspath(path)
     _check_path(path)
+    _check_not_cut_off(path)
     import soundfile
 
     with _open(path) as f:
