@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 log = logging.getLogger("af2_jax.train")
@@ -17,7 +18,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m af2_jax.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="a YAML file, e.g. train/configs/sft.yaml")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.learning_rate=2e-5 run.steps=100")
-    p.add_argument("--dry-run", action="store_true", help="check the config, data and mesh, then stop")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the config, the manifests, a sample of each set's audio files and the mesh, then stop")
     p.add_argument("--coordinator", help="host:port of process 0 (multi-host without auto-detection)")
     p.add_argument("--num-processes", type=int)
     p.add_argument("--process-id", type=int)
@@ -46,8 +48,7 @@ def main(argv=None) -> int:
 
         if args.dry_run:
             mesh = loop.training_mesh(config)
-            items = loop.blend(config.data)
-            valid = loop.validation_sets(config.data)
+            items, valid = loop.training_data(config)
             log.info("config ok: %d training items per pass, %d validation sets, mesh %s", len(items), len(valid),
                      dict(mesh.shape))
             return 0
@@ -59,6 +60,13 @@ def main(argv=None) -> int:
         print("interrupted; checkpoints already written are kept — rerun the same command to resume", file=sys.stderr)
         return 130
     log.info("done: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in final.items()})
+    if final.get("preempted"):
+        # Checkpoints are written and closed. A data reader thread may hang in a read that never returns (a stuck
+        # mount, the reason the wait was cut short); the interpreter would wait for it forever at exit.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

@@ -3,8 +3,10 @@ processes."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -15,9 +17,9 @@ import yaml
 from af2_jax.config import SpecialTokens
 from af2_jax.tokenizer import load_tokenizer
 from af2_jax.training.config import ConfigError, TrainConfig, _build, load_config
-from af2_jax.training.data import LoadExample, TrainBatches, blend
+from af2_jax.training.data import LoadExample, TrainBatches, blend, validation_sets
 from af2_jax.training.labels import IGNORE
-from af2_jax.training.loop import run
+from af2_jax.training.loop import Preempted, run, validation_loss
 from af2_jax.training.metrics import read_scalars
 from conftest import REPO, tiny_train_config, write_tone_dataset
 
@@ -82,6 +84,112 @@ def test_broken_audio_is_skipped_and_counted(tones, tokenizer, tmp_path, caplog)
     assert batches.broken >= 2 and str(broken) in caplog.text
 
 
+def test_unreadable_items_in_a_row_give_up_naming_the_data_root(tones, tokenizer):
+    items = blend(_config(tones, "x", data={"data_root": "/nowhere"}).data)
+    batches = TrainBatches(items, LoadExample(tokenizer, SpecialTokens(), 16, 1), batch_size=4, seed=0,
+                           data_root="/nowhere")
+    with pytest.raises(ConfigError, match=r"^8 training audio files in a row cannot be read .*data.data_root is "
+                                          r"'/nowhere'"):
+        next(batches)  # a whole pass (8 items) is shorter than the bound of 100
+    assert batches.broken == 8
+
+
+class _InterruptedIterator:
+    """grain's iterator, but the call numbered `at` raises Preempted, as the SIGTERM handler does in the waiting
+    (main) thread."""
+
+    def __init__(self, iterator, at):
+        self.iterator, self.at, self.calls = iterator, at, 0
+
+    def __next__(self):
+        self.calls += 1
+        if self.calls == self.at:
+            raise Preempted
+        return next(self.iterator)
+
+    def get_state(self):
+        return self.iterator.get_state()
+
+
+def test_a_batch_interrupted_half_read_leaves_the_resume_state_at_the_last_batch(tones, tokenizer):
+    items = blend(_config(tones, "x").data)
+    load = LoadExample(tokenizer, SpecialTokens(), 16, 1)
+    expected = [next(b) for b in [TrainBatches(items, load, batch_size=4, seed=3)] for _ in range(3)]
+    batches = TrainBatches(items, load, batch_size=4, seed=3)
+    batches._iterator = _InterruptedIterator(batches._iterator, at=6)
+    next(batches)
+    with pytest.raises(Preempted):
+        next(batches)  # interrupted after 1 of the 4 items of the second batch
+    resumed = TrainBatches(items, load, batch_size=4, seed=3)
+    resumed.restore(json.loads(json.dumps(batches.state())))
+    for want in expected[1:]:
+        got = next(resumed)
+        for key in want:
+            np.testing.assert_array_equal(want[key], got[key])
+
+
+def test_a_validation_set_with_no_readable_audio_has_no_loss(tones, tokenizer, caplog):
+    config = _config(tones, "x", data={"data_root": "/nowhere"})
+    valid = validation_sets(config.data)
+    load = LoadExample(tokenizer, SpecialTokens(), 16, 1)
+    assert validation_loss(None, None, None, valid, load, 4, None) == {}  # never 0.0, a perfect score
+    assert "validation set Tones-PitchQA/test: none of its 8 items could be read" in caplog.text
+
+
+def test_a_wrong_data_root_ends_the_run_at_once(tones, tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tiny_train_config(tones, tmp_path / "out", data={"data_root": "/nonexistent"})))
+    start = time.monotonic()
+    result = _cli("--config", str(path), timeout=180)
+    assert time.monotonic() - start < 180
+    assert result.returncode == 2, result.stderr
+    error = result.stderr.splitlines()[-1]  # after the log lines of reading the manifests, one line
+    assert error.startswith("error: Tones-PitchQA/train: none of 8 sampled audio files can be read")
+    assert "data.data_root is '/nonexistent'" in error and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_while_waiting_for_data_saves_and_exits_promptly(tones, tmp_path):
+    """The third batch never arrives (every read in the second pass over the 8 items hangs); SIGTERM breaks out of
+    the wait, saves step 2 and exits although reader threads still hang."""
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tiny_train_config(tones, tmp_path / "out", run={"steps": 6, "save_every": 10})))
+    driver = f"""
+import sys, time
+from af2_jax.training import data
+load, batch = data.LoadExample.__call__, data.TrainBatches.__next__
+def hanging(self, item, seen=set()):  # grain's reader threads call this, reading ahead in any order
+    if item in seen:  # the second pass over the 8 items: a mount that stopped answering
+        time.sleep(600)
+    seen.add(item)
+    return load(self, item)
+def announced(self, calls=[]):  # the training loop calls this
+    calls.append(1)
+    if len(calls) == 3:
+        print("waiting for data", flush=True)
+    return batch(self)
+data.LoadExample.__call__, data.TrainBatches.__next__ = hanging, announced
+from af2_jax.train import main
+sys.exit(main(["--config", {str(path)!r}]))
+"""
+    process = subprocess.Popen([sys.executable, "-c", driver], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{HERE}"))
+    try:
+        assert process.stdout.readline().strip() == "waiting for data"
+        time.sleep(1.0)  # in the wait for the third batch
+        sent = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert time.monotonic() - sent < 30, "the data wait ignored SIGTERM"
+    assert process.returncode == 0, stderr
+    assert "SIGTERM while waiting for data: stopped at step 2" in stderr
+    with ocp.CheckpointManager(tmp_path / "out" / "checkpoints") as manager:
+        assert manager.latest_step() == 2
+
+
 def test_six_steps_equal_three_a_kill_and_three_more(tones, tmp_path):
     straight = run(_config(tones, tmp_path / "straight", run={"steps": 6, "save_every": 6}))
     run(_config(tones, tmp_path / "resumed", run={"steps": 3, "save_every": 3}))
@@ -132,7 +240,8 @@ def _cli(*args, timeout=300):
     ("run.mesh=fsdp=3", "needs 3 devices but 1 are available"),
     ("optim.batch_size=3", None),  # fine on one device: checked against the mesh below
     ("data.dataset_file_root=/nowhere", "manifest not found"),
-    ("optim.schedule=linear", "optim.schedule 'linear': use constant or cosine"),
+    ("optim.schedule=linear", "optim.schedule 'linear': use constant, cosine"),
+    ("data.data_root=/nonexistent", "none of 8 sampled audio files can be read"),  # the audio is checked too
 ])
 def test_bad_configs_fail_before_compiling_with_one_line(tones, tmp_path, override, message):
     path = tmp_path / "c.yaml"
@@ -142,8 +251,40 @@ def test_bad_configs_fail_before_compiling_with_one_line(tones, tmp_path, overri
         assert result.returncode == 0, result.stderr
         return
     assert result.returncode == 2, result.stderr
-    assert result.stderr.startswith("error: ") and message in result.stderr and result.stderr.count("\n") == 1
+    error = result.stderr.splitlines()[-1]  # log lines may come first; the error is one line
+    assert error.startswith("error: ") and message in error and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+@pytest.mark.parametrize("override, message", [
+    ("run.final_dtype=nonsense", "run.final_dtype 'nonsense': use bfloat16, float32"),
+    ("run.log_every=0", "run.log_every 0: must be >= 1"),
+    ("run.keep=0", "run.keep 0: must be >= 1"),
+    ("run.save_every=0", "run.save_every 0: must be >= 1"),
+    ("run.eval_every=-1", "run.eval_every -1: must be >= 0"),
+    ("run.profile_steps=5:3", "run.profile_steps '5:3': use START:STOP with 0 <= START < STOP"),
+    ("model.compute_dtype=float16", "model.compute_dtype 'float16': use bfloat16, float32"),
+    ("optim.learning_rate=.nan", "optim.learning_rate nan: must be > 0"),
+    ("optim.b2=1", "optim.b2 1.0: must be >= 0 and < 1"),
+    ("optim.attn_dropout=1.5", "optim.attn_dropout 1.5: must be >= 0 and < 1"),
+    ("optim.warmup_steps=-1", "optim.warmup_steps -1: must be >= 0"),
+    ("optim.clip=norm", "optim.clip 'norm': use per_module, global, none"),
+    ("data.max_num_window=31", "data.max_num_window 31: must be >= 1 and <= 30"),
+    ("data.dataset_blending_config={A/train: {weight: 0}}", "data.dataset_blending_config.A/train.weight 0: must"),
+])
+def test_every_fixed_set_or_range_is_checked_when_the_config_is_read(tones, tmp_path, override, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tiny_train_config(tones, tmp_path / "out")))
+    with pytest.raises(ConfigError) as err:
+        load_config(path, [override])
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_config_numbers_read_as_people_write_them(tones, tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tiny_train_config(tones, tmp_path / "out")))
+    config = load_config(path, ["optim.learning_rate=1e-4", "run.profile_steps=10:15"])
+    assert config.optim.learning_rate == 1e-4 and config.run.profile_steps == "10:15"  # not "1e-4" and 615
 
 
 def test_batch_that_does_not_split_over_the_data_axes(tones, tmp_path):

@@ -86,6 +86,16 @@ def _open(path):
         raise _fail(path, f"cannot be decoded as audio ({err}); convert it to wav/flac/ogg/mp3") from None
 
 
+def check_readable(path) -> None:
+    """Raises the `AudioError` that loading `path` would raise for problems its header shows (missing, a folder,
+    empty, not audio, cut off), without decoding the samples: a quick check of many files."""
+    path = os.fspath(path)
+    _check_path(path)
+    _check_not_cut_off(path)
+    with _open(path):
+        pass
+
+
 def read_audio(path, *, max_seconds: float | None = None, sample_rate: int = 16000,
                start_seconds: float = 0.0) -> tuple[np.ndarray, float]:
     """Decodes `path` into mono float32 at `sample_rate`, peak-normalised as the original (AF2_SPEC 2.1).

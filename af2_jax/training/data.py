@@ -7,6 +7,10 @@ audio lives at `data_root/split_path/name`. The training set is the original's b
 a run can be reproduced from its config alone), wrapping into a reshuffled copy when a weight asks for more than one
 pass. grain then shuffles the blend per epoch, slices it by JAX process and decodes audio on host workers; the
 main process skips and counts broken files and batches to static shapes (`max_tokens`, `max_num_window`).
+
+A wrong `data_root` is the commonest mistake, so it is caught twice: a sample of every set's files is checked before
+anything is compiled (`check_audio`, also in `--dry-run`), and the batch stream gives up after a bounded run of
+unreadable items instead of skipping forever.
 """
 
 from __future__ import annotations
@@ -19,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from af2_jax.audio.io import AudioError, collate_windows, load_windows
+from af2_jax.audio.io import AudioError, check_readable, collate_windows, load_windows
 from af2_jax.config import AudioConfig, SpecialTokens
-from af2_jax.training.config import ConfigError, DataSection
+from af2_jax.training.config import ConfigError, DataSection, blend_weight
 from af2_jax.training.labels import IGNORE, make_labels, pad_ids, training_ids
 
 log = logging.getLogger(__name__)
@@ -34,6 +38,7 @@ class Item:
     output: str
     task: str
     start: float = 0.0
+    dataset: str = ""  # the manifest it came from, "Name-Task/split"
 
 
 def read_manifest(root: str, name: str) -> dict:
@@ -54,14 +59,15 @@ def read_manifest(root: str, name: str) -> dict:
     return contents
 
 
-def _items(contents: dict, data_root: str) -> list[Item]:
+def _items(contents: dict, data_root: str, dataset: str) -> list[Item]:
     split_path = contents.get("split_path") or ""
     task = contents.get("flamingo_task", "")
     items = []
     for key in range(contents["total_num"]):
         entry = contents["data"][str(key)]
         items.append(Item(audio=os.path.join(data_root, split_path, entry["name"]), prompt=str(entry["prompt"]),
-                          output=str(entry["output"]), task=task, start=float(entry.get("audio_start", 0.0))))
+                          output=str(entry["output"]), task=task, start=float(entry.get("audio_start", 0.0)),
+                          dataset=dataset))
     return items
 
 
@@ -73,10 +79,8 @@ def blend(data: DataSection) -> list[Item]:
     """One pass of the blended training set, in a fixed order."""
     blended: list[Item] = []
     for name, spec in data.dataset_blending_config.items():
-        weight = float((spec or {}).get("weight", 1.0)) * float(data.dataset_blending_global_weight)
-        if weight <= 0:
-            raise ConfigError(f"data.dataset_blending_config.{name}.weight must be > 0")
-        items = _items(read_manifest(data.dataset_file_root, name), data.data_root)
+        weight = float(blend_weight(spec)) * float(data.dataset_blending_global_weight)
+        items = _items(read_manifest(data.dataset_file_root, name), data.data_root, name)
         count = int(len(items) * weight)
         order = np.random.default_rng(_name_seed(name)).permutation(len(items))
         for index in range(count):
@@ -94,9 +98,37 @@ def validation_sets(data: DataSection) -> dict[str, list[Item]]:
     out = {}
     for name, enabled in data.valid_dataset_config.items():
         if enabled:
-            items = _items(read_manifest(data.dataset_file_root, name), data.data_root)
+            items = _items(read_manifest(data.dataset_file_root, name), data.data_root, name)
             out[name] = items[: data.valid_max_items] if data.valid_max_items else items
     return out
+
+
+AUDIO_SAMPLE = 16  # files checked per set before training
+
+
+def check_audio(items: list[Item], data: DataSection, sample: int = AUDIO_SAMPLE) -> None:
+    """Checks the headers of up to `sample` evenly spaced files of each set. A set none of whose sampled files can be
+    read is an error naming data.data_root (nothing would train on it); some unreadable files are a warning (they
+    are skipped and counted while training)."""
+    by_set: dict[str, list[Item]] = {}
+    for item in items:
+        by_set.setdefault(item.dataset, []).append(item)
+    for name, members in by_set.items():
+        unique = list(dict.fromkeys(members))  # a weight above 1 repeats items
+        picked = [unique[i] for i in np.linspace(0, len(unique) - 1, min(sample, len(unique))).astype(int)]
+        errors = []
+        for item in picked:
+            try:
+                check_readable(item.audio)
+            except AudioError as err:
+                errors.append(str(err))
+        if len(errors) == len(picked):
+            raise ConfigError(f"{name}: none of {len(picked)} sampled audio files can be read (e.g. {errors[0]}); "
+                              f"data.data_root is {data.data_root!r}: point it at the folder holding the manifests' "
+                              "split_path folders")
+        if errors:
+            log.warning("%s: %d of %d sampled audio files cannot be read (e.g. %s); such items are skipped",
+                        name, len(errors), len(picked), errors[0])
 
 
 class LoadExample:
@@ -132,11 +164,16 @@ def collate(examples: list[dict], max_windows: int) -> dict:
             "attention_mask": stack("attention_mask"), "labels": stack("labels")}
 
 
+# Unreadable items in a row after which training gives up (or one whole pass over this process's items, if shorter).
+MAX_UNREADABLE_IN_A_ROW = 100
+
+
 class TrainBatches:
-    """Endless static-shape batches of this process's share of the blend; `state()`/`restore()` resume exactly."""
+    """Endless static-shape batches of this process's share of the blend; `state()`/`restore()` resume exactly.
+    `state()` is taken at batch boundaries only, so a batch interrupted half-read (SIGTERM) leaves it unchanged."""
 
     def __init__(self, items: list[Item], load: LoadExample, *, batch_size: int, seed: int, num_workers: int = 0,
-                 process_index: int = 0, process_count: int = 1):
+                 process_index: int = 0, process_count: int = 1, data_root: str = ""):
         import grain
 
         if batch_size % process_count:
@@ -149,6 +186,10 @@ class TrainBatches:
             dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
         self._iterator = iter(dataset)
         self.broken = 0
+        self._unreadable_in_a_row = 0
+        self._give_up_after = min(MAX_UNREADABLE_IN_A_ROW, max(len(items) // process_count, 1))
+        self._data_root = data_root
+        self._boundary = {"grain": self._iterator.get_state(), "broken": 0}
 
     def __iter__(self):
         return self
@@ -159,17 +200,26 @@ class TrainBatches:
             example = next(self._iterator)
             if "broken" in example:
                 self.broken += 1
+                self._unreadable_in_a_row += 1
                 log.warning("skipped (%d so far): %s", self.broken, example["broken"])
+                if self._unreadable_in_a_row >= self._give_up_after:
+                    raise ConfigError(f"{self._unreadable_in_a_row} training audio files in a row cannot be read "
+                                      f"(the last: {example['broken']}); data.data_root is {self._data_root!r}: "
+                                      "point it at the folder holding the manifests' split_path folders")
                 continue
+            self._unreadable_in_a_row = 0
             examples.append(example)
-        return collate(examples, self.max_windows)
+        batch = collate(examples, self.max_windows)
+        self._boundary = {"grain": self._iterator.get_state(), "broken": self.broken}
+        return batch
 
     def state(self) -> dict:
-        return {"grain": self._iterator.get_state(), "broken": self.broken}
+        return self._boundary
 
     def restore(self, state: dict) -> None:
         self._iterator.set_state(state["grain"])
         self.broken = int(state["broken"])
+        self._boundary = state
 
     def close(self) -> None:
         close = getattr(self._iterator, "close", None)

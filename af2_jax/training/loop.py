@@ -3,11 +3,14 @@ validate, log, and write the final model as an af2-jax checkpoint.
 
 Checkpoints (`out_dir/checkpoints/<step>/`, Orbax CheckpointManager, async) hold the trainable parameters, the
 optimizer state, the step and the data iterator's state; the dropout key is derived from the seed and the step, so
-resuming reproduces the uninterrupted run exactly. SIGTERM (preemption) saves at the next step boundary and exits.
+resuming reproduces the uninterrupted run exactly. SIGTERM (preemption) saves at the next step boundary and exits;
+one that arrives while the loop waits for data breaks out of the wait at once (reading a batch can take long, or
+never end on a stuck filesystem) and saves the last completed step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -23,8 +26,9 @@ from flax import nnx
 from af2_jax.config import preset
 from af2_jax.sharding import (MeshError, activation_sharding, batch_sharding, format_mesh, make_mesh,
                               shard_model)
-from af2_jax.training.config import ConfigError, TrainConfig
-from af2_jax.training.data import LoadExample, TrainBatches, blend, eval_batches, validation_sets
+from af2_jax.training.config import ConfigError, TrainConfig, profile_range
+from af2_jax.training.data import (LoadExample, TrainBatches, blend, check_audio, eval_batches,
+                                   validation_sets)
 from af2_jax.training.metrics import MetricsWriter
 from af2_jax.training.step import (TrainState, make_eval_step, make_train_step, optimizer, schedule, split_model)
 
@@ -85,17 +89,43 @@ def training_mesh(config: TrainConfig):
     return mesh
 
 
+class Preempted(BaseException):
+    """SIGTERM while waiting for data. A BaseException, so that no `except Exception` in a data library swallows it."""
+
+
 class _Preemption:
     def __init__(self):
         self.requested = False
+        self._waiting = False
         self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
-        log.warning("SIGTERM: saving a checkpoint at the next step boundary, then exiting")
         self.requested = True
+        if self._waiting:
+            raise Preempted
+        log.warning("SIGTERM: saving a checkpoint at the next step boundary, then exiting")
+
+    @contextlib.contextmanager
+    def interruptible(self):
+        """A SIGTERM inside raises `Preempted` at once (a blocking read returns to Python to run the handler)."""
+        if self.requested:
+            raise Preempted
+        self._waiting = True
+        try:
+            yield
+        finally:
+            self._waiting = False
 
     def restore(self):
         signal.signal(signal.SIGTERM, self._previous)
+
+
+def training_data(config: TrainConfig):
+    """The blended training items and the validation sets, with a sample of every set's audio checked readable."""
+    items = blend(config.data)
+    valid = validation_sets(config.data)
+    check_audio(items + [item for members in valid.values() for item in members], config.data)
+    return items, valid
 
 
 def _global_batch(batch: dict, mesh) -> dict:
@@ -121,8 +151,7 @@ def run(config: TrainConfig) -> dict:
     out_dir = Path(config.run.out_dir).absolute()
     main = is_main_process()
     mesh = training_mesh(config)
-    items = blend(config.data)
-    valid = validation_sets(config.data)
+    items, valid = training_data(config)
     tokenizer = load_training_tokenizer(config)
     model = build_model(config, mesh)
     load = LoadExample(tokenizer, model.config.tokens, config.data.max_tokens, config.data.max_num_window,
@@ -143,7 +172,7 @@ def run(config: TrainConfig) -> dict:
 
     batches = TrainBatches(items, load, batch_size=optim.batch_size * optim.grad_accum, seed=config.run.seed,
                            num_workers=config.data.num_workers, process_index=jax.process_index(),
-                           process_count=jax.process_count())
+                           process_count=jax.process_count(), data_root=config.data.data_root)
     # The state leaves the step laid out as it came in, so the one compiled step serves every call.
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     step_fn = jax.jit(make_train_step(graphdef, tx, optim, remat=config.model.remat, seed=config.run.seed,
@@ -169,7 +198,7 @@ def run(config: TrainConfig) -> dict:
     preemption = _Preemption()
     peak = config.run.peak_flops or PEAK_FLOPS.get(_device_family(), 0.0)
     compiled, flops = None, None
-    profile = _profile_range(config.run.profile_steps)
+    profile = profile_range(config.run.profile_steps)
     step = int(state.step)
     progress = _progress(main, total, step)
     last_metrics: dict = {}
@@ -178,7 +207,16 @@ def run(config: TrainConfig) -> dict:
         while step < total:
             if profile and step == profile[0]:
                 jax.profiler.start_trace(str(out_dir / "profile"))
-            host_batch = next(batches)
+            try:
+                with preemption.interruptible():
+                    host_batch = next(batches)
+            except Preempted:
+                if step != (manager.latest_step() or 0):  # the last completed step is not saved yet
+                    _save(manager, step, state, batches, force=True)
+                manager.wait_until_finished()
+                log.warning("SIGTERM while waiting for data: stopped at step %d; rerun the same command to resume",
+                            step)
+                return {"step": step, "preempted": True, **last_metrics}
             batch = _global_batch(host_batch, mesh)
             if compiled is None:
                 with activation_sharding(mesh, model_config):
@@ -268,13 +306,19 @@ def save_final(model, path: Path, tokenizer, config: TrainConfig, step: int) -> 
 
 
 def validation_loss(eval_fn, state, frozen, valid: dict, load, batch_size: int, mesh) -> dict:
+    """Mean loss per validation set over its labelled tokens. A set with no readable item is left out with a
+    warning: a loss over nothing is missing, not zero."""
     out = {}
     for name, items in valid.items():
         total, count = 0.0, 0
         for batch, _ in eval_batches(items, load, batch_size):
             loss_sum, tokens = eval_fn(state.params, frozen, _global_batch(batch, mesh))
             total, count = total + float(loss_sum), count + int(tokens)
-        out[f"valid/{name}/loss"] = total / max(count, 1)
+        if count:
+            out[f"valid/{name}/loss"] = total / count
+        else:
+            log.warning("validation set %s: none of its %d items could be read; its loss is left out", name,
+                        len(items))
     return out
 
 
@@ -283,19 +327,33 @@ def normalise_answer(text: str) -> str:
 
 
 def exact_match(model, tokenizer, valid: dict, config: TrainConfig) -> dict:
-    """Greedy answers to every validation item; exact match after lower-casing and whitespace folding, per set."""
+    """Greedy answers to every readable validation item; exact match after lower-casing and whitespace folding,
+    per set."""
+    from af2_jax.audio.io import AudioError
     from af2_jax.pipeline import answer_items, prepare
 
     out = {}
     for name, items in valid.items():
-        correct = 0
+        correct = readable = 0
         for start in range(0, len(items), config.optim.batch_size):
-            chunk = items[start: start + config.optim.batch_size]
-            prepared = [prepare(tokenizer, it.audio, it.prompt, config.data.max_num_window, model.config.audio)
-                        for it in chunk]
-            answers = answer_items(model, tokenizer, prepared, max_new_tokens=config.run.eval_max_new_tokens)
-            correct += sum(normalise_answer(a) == normalise_answer(it.output) for a, it in zip(answers, chunk))
-        out[f"valid/{name}/exact_match"] = correct / max(len(items), 1)
+            chunk = []  # (item, prepared) for the chunk's readable items; windows of one chunk in memory at a time
+            for it in items[start: start + config.optim.batch_size]:
+                try:
+                    chunk.append((it, prepare(tokenizer, it.audio, it.prompt, config.data.max_num_window,
+                                              model.config.audio)))
+                except AudioError as err:
+                    log.warning("validation item skipped: %s", err)
+            if chunk:
+                answers = answer_items(model, tokenizer, [p for _, p in chunk],
+                                       max_new_tokens=config.run.eval_max_new_tokens)
+                correct += sum(normalise_answer(a) == normalise_answer(it.output)
+                               for a, (it, _) in zip(answers, chunk))
+                readable += len(chunk)
+        if readable:
+            out[f"valid/{name}/exact_match"] = correct / readable
+        else:
+            log.warning("validation set %s: none of its %d items could be read; its exact match is left out", name,
+                        len(items))
     return out
 
 
@@ -311,16 +369,6 @@ def _flops(compiled) -> float | None:
         return float(cost.get("flops", 0.0)) or None
     except Exception:  # cost analysis is best effort: some backends do not provide it
         return None
-
-
-def _profile_range(spec: str):
-    if not spec:
-        return None
-    try:
-        first, last = (int(x) for x in spec.split(":"))
-    except ValueError:
-        raise ConfigError(f"run.profile_steps {spec!r}: use START:STOP, e.g. 10:15") from None
-    return first, last
 
 
 class _progress:
