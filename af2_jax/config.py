@@ -271,22 +271,47 @@ class AF2Config:
         return cls.from_dict(data)
 
 
-def _build(cls, data: Mapping[str, Any]):
-    """Rebuilds a (nested) frozen dataclass from plain JSON data; lists become tuples; unknown keys are errors."""
+def _build(cls, data: Mapping[str, Any], where: str = ""):
+    """Rebuilds a (nested) frozen dataclass from plain JSON data; lists become tuples; unknown keys and values whose
+    JSON type does not fit the field (judged by its default) are errors: a string where a size belongs would
+    otherwise fail deep inside model construction."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{where or cls.__name__} is {data!r:.60}, expected an object")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(data) - set(fields)
     if unknown:
         raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
     kwargs = {}
     for name, value in data.items():
-        default = fields[name].default
+        default, key = fields[name].default, f"{where}.{name}" if where else name
         if dataclasses.is_dataclass(default):
-            kwargs[name] = _build(type(default), value)
-        elif isinstance(value, list):
-            kwargs[name] = tuple(value)
-        else:
-            kwargs[name] = value
+            kwargs[name] = _build(type(default), value, key)
+            continue
+        if not _fits(value, default):
+            raise ValueError(f"{key} is {value!r:.60}, expected {_json_kind(default)}")
+        kwargs[name] = tuple(value) if isinstance(value, list) else value
     return cls(**kwargs)
+
+
+def _fits(value, default) -> bool:
+    if isinstance(default, tuple):
+        return isinstance(value, list) and all(_fits(v, default[0]) for v in value)
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return type(value) is int  # not a bool
+    if isinstance(default, float):
+        return type(value) in (int, float)
+    return True
+
+
+_JSON_KINDS = {bool: ("true or false", "booleans"), int: ("an integer", "integers"), float: ("a number", "numbers")}
+
+
+def _json_kind(default) -> str:
+    if isinstance(default, tuple):
+        return f"a list of {_JSON_KINDS[type(default[0])][1]}"
+    return _JSON_KINDS[type(default)][0]
 
 
 def _lm(hidden, intermediate, layers, heads, kv_heads) -> LMConfig:

@@ -36,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                    help="storage dtype of the parameters (default bfloat16)")
     p.add_argument("--dry-run", action="store_true",
-                   help="check names, shapes and dtypes from the safetensors headers only; write nothing")
+                   help="check names, shapes, dtypes and byte ranges from the safetensors headers only; "
+                        "read no tensor, write nothing")
     p.add_argument("--export", action="store_true", help="af2-jax checkpoint -> released PyTorch layout")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.add_argument("--allow-alias-mismatch", action="store_true",

@@ -100,7 +100,8 @@ class Inspection:
 
 
 def inspect(src, model=None, dtype="bfloat16") -> Inspection:
-    """Checks names, shapes and dtypes from the safetensors headers alone (the `--dry-run`); reads no tensor data."""
+    """Checks names, shapes, dtypes and byte ranges from the safetensors headers alone (the `--dry-run`); reads no
+    tensor data."""
     ckpt = open_source(src)
     config = resolve_config(model, ckpt)
     variables = store.model_variables(_abstract_model(config))
@@ -127,20 +128,21 @@ def convert(src, dst, model=None, dtype="bfloat16", *, overwrite=False, allow_al
         mesh = make_mesh(mesh) if isinstance(mesh, (str, dict)) else mesh
         placement = Placement(mesh, config)
         log.info("laying the checkpoint out for mesh %s: %s", format_mesh(dict(mesh.shape)), placement.report())
-    atomic = store.AtomicFolder(dst, overwrite)  # refuse an existing DST before any heavy work
-    report = checked_report(ckpt, variables, config, what="the AF2 model",
-                            allow_alias_mismatch=allow_alias_mismatch)
-    params = {}
-    for path, var, value in slot_values(variables, report, ckpt.get, lambda var: store.storage_dtype(var, dtype)):
-        # Hand Orbax device arrays: given numpy, it copies the whole tree to the device before writing.
-        params[path] = jax.device_put(value, None if placement is None else variable_sharding(var, placement))
-        del value  # peak memory: the output plus one tensor
-    unused = {name: ckpt.get(name) for name in report.dead}
-    log.info("kept aside, unused at inference (%d tensors, restored by --export): %s", len(unused),
-             ", ".join(sorted(unused)))
-    clap_prefix = next((p for p in keymap.CLAP_PREFIXES if any(n.startswith(p) for n in ckpt.keys())),
-                       keymap.CANONICAL_CLAP_PREFIX)
-    with atomic as tmp:
+    # An unusable DST is refused before any tensor is read; a refused source leaves neither DST nor a partial folder.
+    with store.AtomicFolder(dst, overwrite) as tmp:
+        report = checked_report(ckpt, variables, config, what="the AF2 model",
+                                allow_alias_mismatch=allow_alias_mismatch)
+        params = {}
+        for path, var, value in slot_values(variables, report, ckpt.get,
+                                            lambda var: store.storage_dtype(var, dtype)):
+            # Hand Orbax device arrays: given numpy, it copies the whole tree to the device before writing.
+            params[path] = jax.device_put(value, None if placement is None else variable_sharding(var, placement))
+            del value  # peak memory: the output plus one tensor
+        unused = {name: ckpt.get(name) for name in report.dead}
+        log.info("kept aside, unused at inference (%d tensors, restored by --export): %s", len(unused),
+                 ", ".join(sorted(unused)))
+        clap_prefix = next((p for p in keymap.CLAP_PREFIXES if any(n.startswith(p) for n in ckpt.keys())),
+                           keymap.CANONICAL_CLAP_PREFIX)
         store.save_tree(tmp / "params", store.nest(params))
         del params
         store.save_tree(tmp / "unused", store.nest(unused))
@@ -164,6 +166,29 @@ def export(src, dst, *, overwrite=False, chunk_bytes: int = DEFAULT_CHUNK_BYTES)
     folder = Path(src)
     config, meta = store.read_config(folder)
     variables = store.model_variables(_abstract_model(config))
+    with store.AtomicFolder(dst, overwrite) as tmp:  # an unusable DST is refused before the arrays are read
+        entries = _original_entries(folder, config, meta, variables)
+        safe = tmp / "safe_ckpt"
+        safe.mkdir()
+        chunks, current, size = {}, [], 0
+        for entry in entries:
+            nbytes = int(np.prod(entry[1], dtype=np.int64)) * np.dtype(entry[2]).itemsize
+            if current and size + nbytes > chunk_bytes:
+                chunks[f"model_chunk_{len(chunks)}"] = current
+                current, size = [], 0
+            current.append(entry)
+            size += nbytes
+        chunks[f"model_chunk_{len(chunks)}"] = current
+        for chunk, chunk_entries in chunks.items():
+            write_safetensors(safe / f"{chunk}.safetensors", chunk_entries)
+        (safe / "metadata.json").write_text(json.dumps({c: [e[0] for e in es] for c, es in chunks.items()}))
+    log.info("exported %s -> %s (%d tensors in %d chunk(s))", src, dst, len(entries), len(chunks))
+    return Path(dst)
+
+
+def _original_entries(folder: Path, config: AF2Config, meta: dict, variables) -> list:
+    """(original name, shape, dtype, produce) for every tensor of the original state_dict, from the af2-jax
+    checkpoint in `folder`: its arrays are read here, each tensor is made when `produce()` is called."""
     stored = store.stored_shapes(folder / "params")
     params = store.flatten(store.restore_tree(folder / "params", store.nest(
         {p: jax.ShapeDtypeStruct(*stored[p]) for p, _ in variables})))
@@ -198,25 +223,7 @@ def export(src, dst, *, overwrite=False, chunk_bytes: int = DEFAULT_CHUNK_BYTES)
     for name in unused_names:
         shape, dtype = unused_shapes[name]
         entries.append((original(name), shape, dtype, lambda name=name, shape=shape: unused[name].reshape(shape)))
-
-    atomic = store.AtomicFolder(dst, overwrite)
-    with atomic as tmp:
-        safe = tmp / "safe_ckpt"
-        safe.mkdir()
-        chunks, current, size = {}, [], 0
-        for entry in entries:
-            nbytes = int(np.prod(entry[1], dtype=np.int64)) * np.dtype(entry[2]).itemsize
-            if current and size + nbytes > chunk_bytes:
-                chunks[f"model_chunk_{len(chunks)}"] = current
-                current, size = [], 0
-            current.append(entry)
-            size += nbytes
-        chunks[f"model_chunk_{len(chunks)}"] = current
-        for chunk, chunk_entries in chunks.items():
-            write_safetensors(safe / f"{chunk}.safetensors", chunk_entries)
-        (safe / "metadata.json").write_text(json.dumps({c: [e[0] for e in es] for c, es in chunks.items()}))
-    log.info("exported %s -> %s (%d tensors in %d chunk(s))", src, dst, len(entries), len(chunks))
-    return Path(dst)
+    return entries
 
 
 def _constant_buffers(config: AF2Config):

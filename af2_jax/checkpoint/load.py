@@ -41,15 +41,16 @@ class MappingReport:
     missing: list[str] = dataclasses.field(default_factory=list)
     unexpected: list[str] = dataclasses.field(default_factory=list)
     shape_errors: list[str] = dataclasses.field(default_factory=list)
+    dtype_errors: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not (self.missing or self.unexpected or self.shape_errors)
+        return not (self.missing or self.unexpected or self.shape_errors or self.dtype_errors)
 
     def error_message(self, what: str) -> str:
         parts = []
         for label, items in (("missing", self.missing), ("unexpected", self.unexpected),
-                             ("wrong shape", self.shape_errors)):
+                             ("wrong shape", self.shape_errors), ("wrong dtype", self.dtype_errors)):
             if items:
                 shown = "; ".join(items[:_MAX_LISTED]) + (f"; ... {len(items) - _MAX_LISTED} more"
                                                            if len(items) > _MAX_LISTED else "")
@@ -149,8 +150,13 @@ def plan(ckpt: SafetensorsCheckpoint, targets: Mapping[str, tuple[int, ...]], co
     report = map_names({n: ckpt.info(n).shape for n in ckpt.keys()}, targets, config, scope=scope)
     for alias, twin in report.aliases.items():
         if twin in ckpt and ckpt.info(alias).dtype != ckpt.info(twin).dtype:
-            report.shape_errors.append(f"{alias} is {ckpt.info(alias).dtype} but its twin {twin} is "
+            report.dtype_errors.append(f"{alias} is {ckpt.info(alias).dtype} but its twin {twin} is "
                                        f"{ckpt.info(twin).dtype}")
+    # Every mapped slot is a floating-point parameter: integer or bool data there is a damaged or foreign file, which
+    # a cast would silently turn into weights. (Integer buffers such as relative_position_index are constants.)
+    for name, _ in report.assignments.values():
+        if name in ckpt and ckpt.info(name).dtype.kind in "biu":
+            report.dtype_errors.append(f"{name} is {ckpt.info(name).dtype}, expected a floating-point dtype")
     if not report.ok:
         raise CheckpointError(report.error_message(f"{ckpt.source}: {what}"))
     return report

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -26,7 +27,9 @@ _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
-_MAX_HEADER_BYTES = 100 * 1024 * 1024
+# safetensors' own limit (MAX_HEADER_SIZE): a longer header is not a safetensors file.
+_MAX_HEADER_BYTES = 100_000_000
+_INDEX_LIMIT = 2**64  # shapes and offsets are Rust usize in safetensors
 
 
 class CheckpointError(ValueError):
@@ -42,33 +45,134 @@ class TensorInfo:
     end: int
 
 
-def read_header(path: Path) -> dict[str, TensorInfo]:
-    """Tensor name -> TensorInfo from a safetensors file header (no tensor data read)."""
+def _shown(value, limit: int = 80) -> str:
+    """A value from a hostile file, on one line and cut short."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def reason(err: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type when it has none), cut short: the cause a one-line error
+    can show."""
+    text = next(iter(str(err).splitlines()), "") or type(err).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _name(name: str) -> str:
+    """A key from a hostile file as a message shows it: as is, unless quoting is needed to keep it on one line."""
+    return name if name.isprintable() else _shown(name)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")  # Python's json accepts NaN/Infinity; safetensors' serde_json does not
+
+
+def parse_json(path: Path, raw: bytes, what: str, fix: str = "re-download the file"):
+    """JSON from a downloaded file, refusing what Python's json lets through but a strict parser does not: duplicate
+    keys (json.loads silently keeps the last), NaN/Infinity, non-UTF-8 text (json.loads would guess UTF-16/32), and
+    nesting deep enough to exhaust the stack."""
+
+    def unique(pairs):
+        out = {}
+        for key, value in pairs:
+            if key in out:
+                raise CheckpointError(f"{path}: duplicate key {_name(key)} in its {what}; {fix}")
+            out[key] = value
+        return out
+
     try:
-        with open(path, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) != 8:
-                raise CheckpointError(f"{path}: too short to be a safetensors file; re-download it")
-            (length,) = struct.unpack("<Q", prefix)
-            if length > _MAX_HEADER_BYTES:
-                raise CheckpointError(f"{path}: not a safetensors file (header length {length}); re-download it")
-            header = json.loads(f.read(length))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise CheckpointError(f"{path}: corrupt safetensors header; re-download the file") from None
-    base = 8 + length
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=unique, parse_constant=_no_constant)
+    except CheckpointError:
+        raise
+    except RecursionError:
+        raise CheckpointError(f"{path}: corrupt {what} (nested too deeply); {fix}") from None
+    except ValueError as err:  # UnicodeDecodeError, JSONDecodeError, integers too long to convert
+        raise CheckpointError(f"{path}: corrupt {what} ({reason(err)}); {fix}") from None
+
+
+def _is_index(value) -> bool:
+    return type(value) is int and 0 <= value < _INDEX_LIMIT  # type(), not isinstance: JSON true is no index
+
+
+def _entry(path: Path, name: str, entry) -> tuple[np.dtype, tuple[int, ...], int, int]:
+    """(dtype, shape, begin, end) of one header entry, each checked as safetensors' TensorInfo would parse it."""
+    where = f"{path}: tensor {_name(name)}"
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{where}: header entry is {_shown(entry)}, not an object with dtype, shape and "
+                              "data_offsets; the file is corrupt, re-download it")
+    missing = [key for key in ("dtype", "shape", "data_offsets") if key not in entry]
+    if missing:
+        raise CheckpointError(f"{where}: header entry has no {', '.join(missing)}; the file is corrupt, "
+                              "re-download it")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
+        raise CheckpointError(f"{where} has unsupported dtype {_shown(dtype)} (readable: {', '.join(_DTYPES)})")
+    if not isinstance(shape, list) or not all(_is_index(d) for d in shape):
+        raise CheckpointError(f"{where} has shape {_shown(shape)}, not a list of non-negative integers; the file "
+                              "is corrupt, re-download it")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_index(o) for o in offsets)
+            and offsets[0] <= offsets[1]):
+        raise CheckpointError(f"{where} has data_offsets {_shown(offsets)}, not [begin, end] with 0 <= begin <= "
+                              "end; the file is corrupt, re-download it")
+    return np.dtype(_DTYPES[dtype]), tuple(shape), offsets[0], offsets[1]
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Tensor name -> TensorInfo from a safetensors file header (no tensor data read).
+
+    Everything the header alone can tell is checked here, as the safetensors library checks it before handing out
+    any tensor (`read_metadata`, `Metadata::validate`): entries well-formed, dtypes known, each byte range exactly
+    the size its shape and dtype need, and the ranges tiling the data region in offset order, with no gap or overlap,
+    up to the end of the file. Reading a tensor afterwards can then neither pick up other bytes nor allocate more
+    than the file holds."""
     size = os.path.getsize(path)
-    tensors = {}
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) != 8:
+            raise CheckpointError(f"{path}: too short to be a safetensors file; re-download it")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > _MAX_HEADER_BYTES:
+            raise CheckpointError(f"{path}: not a safetensors file (header length {length} is over the format's "
+                                  f"limit of {_MAX_HEADER_BYTES}); re-download it")
+        if 8 + length > size:
+            raise CheckpointError(f"{path}: truncated inside its header ({length} header bytes announced, "
+                                  f"{size - 8} present); re-download it")
+        header = parse_json(path, f.read(length), "safetensors header")
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, not an "
+                              "object); re-download the file")
+    entries = []
     for name, entry in header.items():
         if name == "__metadata__":
+            # safetensors reads it as an optional map of strings to strings
+            if entry is not None and not (isinstance(entry, dict) and all(isinstance(v, str)
+                                                                          for v in entry.values())):
+                raise CheckpointError(f"{path}: __metadata__ is {_shown(entry)}, not an object of strings; the "
+                                      "file is corrupt, re-download it")
             continue
-        if entry["dtype"] not in _DTYPES:
-            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}")
-        start, end = entry["data_offsets"]
+        entries.append((name, *_entry(path, name, entry)))
+    base, expected = 8 + length, 0
+    infos = {}
+    for name, dtype, shape, begin, end in sorted(entries, key=lambda e: (e[3], e[4])):
+        where = f"{path}: tensor {_name(name)}"
+        if begin != expected:
+            problem = ("overlaps the tensor before it" if begin < expected
+                       else f"leaves {begin - expected} unused bytes before it")
+            raise CheckpointError(f"{where} starts at data byte {begin}, expected {expected} ({problem}); the file "
+                                  "is corrupt, re-download it")
+        needed = math.prod(shape) * dtype.itemsize
+        if end - begin != needed:
+            raise CheckpointError(f"{where} has {end - begin} bytes, but shape {list(shape)} of {dtype.name} needs "
+                                  f"{needed}; the file is corrupt, re-download it")
         if base + end > size:
-            raise CheckpointError(f"{path}: truncated (tensor {name} ends past the end of the file); re-download it")
-        tensors[name] = TensorInfo(path, np.dtype(_DTYPES[entry["dtype"]]), tuple(entry["shape"]), base + start,
-                                   base + end)
-    return tensors
+            raise CheckpointError(f"{path}: truncated (tensor {_name(name)} ends past the end of the file); "
+                                  "re-download it")
+        infos[name] = TensorInfo(path, dtype, shape, base + begin, base + end)
+        expected = end
+    if base + expected != size:
+        raise CheckpointError(f"{path}: {size - base - expected} bytes after the last tensor, which no header "
+                              "entry describes; the file is corrupt, re-download it")
+    return {name: infos[name] for name, *_ in entries}  # keys() keeps the order of the file
 
 
 class SafetensorsCheckpoint:
@@ -94,15 +198,14 @@ class SafetensorsCheckpoint:
         return self.tensors[name]
 
     def get(self, name: str) -> np.ndarray:
-        info = self.tensors[name]
-        count = int(np.prod(info.shape, dtype=np.int64))
+        info = self.tensors[name]  # sizes were checked against the file when its header was read
         out = np.empty(info.shape, dtype=info.dtype)
-        if info.end - info.start != count * info.dtype.itemsize:
-            raise CheckpointError(f"{info.file}: tensor {name} has {info.end - info.start} bytes, expected "
-                                  f"{count * info.dtype.itemsize}; the file is corrupt")
         with open(info.file, "rb") as f:
             f.seek(info.start)
-            f.readinto(memoryview(out.reshape(-1).view(np.uint8)))
+            read = f.readinto(memoryview(out.reshape(-1).view(np.uint8)))
+        if read != info.end - info.start:
+            raise CheckpointError(f"{info.file}: shorter than when it was opened (tensor {name} is cut off); was it "
+                                  "replaced while reading? Re-download it")
         return out
 
     def items(self) -> Iterator[tuple[str, np.ndarray]]:
@@ -121,10 +224,16 @@ def _resolve_files(source: Path) -> list[Path]:
     for folder in (source / "safe_ckpt", source):
         metadata = folder / "metadata.json"
         if metadata.is_file():
-            try:
-                chunks = json.loads(metadata.read_text())
-            except json.JSONDecodeError:
-                raise CheckpointError(f"{metadata}: not valid JSON; re-download it") from None
+            chunks = parse_json(metadata, metadata.read_bytes(), "chunk index")
+            if not (isinstance(chunks, dict) and all(isinstance(names, list) and all(isinstance(n, str) for n in names)
+                                                     for names in chunks.values())):
+                raise CheckpointError(f"{metadata}: not a chunk index (an object mapping each chunk name to its list "
+                                      "of tensor names); re-download it")
+            for chunk in chunks:
+                # Chunk names become file names: one that could point outside the folder is refused.
+                if not chunk or any(part in chunk for part in ("/", "\\", "..", "\0")):
+                    raise CheckpointError(f"{metadata}: chunk name {_shown(chunk)} is not a plain file name; "
+                                          "re-download it")
             files = [folder / f"{chunk}.safetensors" for chunk in chunks]
             missing = [str(f) for f in files if not f.is_file()]
             if missing:

@@ -8,11 +8,16 @@ inference (kept as-is, so an export loses nothing), and `config.json`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 import shutil
+import sys
 import tempfile
+import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from af2_jax.checkpoint.reader import CheckpointError
+from af2_jax.checkpoint.reader import CheckpointError, parse_json, reason
 from af2_jax.config import AF2Config
 
 log = logging.getLogger(__name__)
 
 FORMAT = "af2-jax/1"
 META_KEY = "af2_jax"
+_RECONVERT = "re-convert the checkpoint with `python -m af2_jax.convert`"
 
 
 def nest(flat: dict[str, Any]) -> dict:
@@ -62,14 +68,21 @@ def read_config(folder: Path) -> tuple[AF2Config, dict]:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{folder}: no config.json; pass a folder written by `python -m af2_jax.convert`")
-    data = json.loads(path.read_text())
+    data = parse_json(path, path.read_bytes(), "configuration", fix=_RECONVERT)
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: not a JSON object; {_RECONVERT}")
     meta = data.pop(META_KEY, None)
     if meta is None:
         raise CheckpointError(f"{path}: not an af2-jax checkpoint config (no '{META_KEY}' section); convert the "
                               "original weights with `python -m af2_jax.convert`")
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: the '{META_KEY}' section is not an object; {_RECONVERT}")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: checkpoint format {meta.get('format')!r}, this version reads {FORMAT!r}")
-    return AF2Config.from_dict(data), meta
+    try:
+        return AF2Config.from_dict(data), meta
+    except (TypeError, ValueError, KeyError, AttributeError) as err:  # unknown keys, wrong types, inconsistent sizes
+        raise CheckpointError(f"{path}: invalid configuration ({reason(err)}); {_RECONVERT}") from None
 
 
 def save_tree(path: Path, tree: dict) -> None:
@@ -79,10 +92,78 @@ def save_tree(path: Path, tree: dict) -> None:
         checkpointer.save(path.absolute(), tree)
 
 
+def _tree_folder(path: Path) -> None:
+    if not path.is_dir():
+        problem = "is not a folder" if path.exists() else "is missing"
+        raise CheckpointError(f"{path}: this Orbax tree {problem}; the checkpoint is incomplete: {_RECONVERT}")
+
+
+@contextlib.contextmanager
+def _orbax_errors(path: Path, action: str):
+    """Orbax reports a damaged tree with a multi-line message that dumps the whole TensorStore spec; the innermost
+    cause's first line names the array and the problem, which is what a one-line error shows."""
+    quiet = _AbandonedReads()
+    try:
+        yield
+    except Exception as err:
+        quiet.keep()
+        cause = err
+        while (inner := cause.__cause__ or cause.__context__) is not None:
+            cause = inner
+        raise CheckpointError(f"{path}: cannot {action} this Orbax tree ({reason(cause)}); the checkpoint is "
+                              f"damaged: {_RECONVERT}") from err
+    quiet.remove()
+
+
+_ORBAX_SOURCE = f"{os.sep}orbax{os.sep}"
+
+
+class _AbandonedReads:
+    """Drops the reports of the reads Orbax abandons when one array fails. It closes its event loop while TensorStore
+    still completes the other reads it had started, and for as long as they run (on a full release, until well after
+    the one-line error) each reports 'Event loop is closed', and each abandoned read task its own failure, through
+    sys.unraisablehook, the asyncio logger and "never awaited" warnings: pages of tracebacks. Installed around an
+    Orbax call (the first reports come while its error unwinds); kept after a failure, removed after a success."""
+
+    def __init__(self):
+        self.previous = sys.unraisablehook
+        sys.unraisablehook = self.unraisable
+        logging.getLogger("asyncio").addFilter(self)
+
+    def unraisable(self, unraisable) -> None:
+        closed_loop = isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == \
+            "Event loop is closed"
+        code = getattr(unraisable.object, "cr_code", None)  # a read coroutine closed before it finished
+        if not (closed_loop or (code is not None and _ORBAX_SOURCE in code.co_filename)):
+            self.previous(unraisable)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """False for asyncio's "exception was never retrieved" / "destroyed but pending" on an Orbax task, which
+        names Orbax's source in the task or in the exception's traceback."""
+        if _ORBAX_SOURCE in record.getMessage():
+            return False
+        err = record.exc_info[1] if record.exc_info else None
+        while err is not None:
+            if any(_ORBAX_SOURCE in frame.filename for frame in traceback.extract_tb(err.__traceback__)):
+                return False
+            err = err.__cause__ or err.__context__
+        return True
+
+    def keep(self) -> None:
+        # Coroutines that never started are reported when collected, often at exit.
+        warnings.filterwarnings("ignore", r"coroutine '_read\w*' was never awaited", RuntimeWarning)
+
+    def remove(self) -> None:
+        if sys.unraisablehook == self.unraisable:
+            sys.unraisablehook = self.previous
+        logging.getLogger("asyncio").removeFilter(self)
+
+
 def restore_tree(path: Path, abstract: dict) -> dict:
     import orbax.checkpoint as ocp
 
-    with ocp.StandardCheckpointer() as checkpointer:
+    _tree_folder(path)
+    with _orbax_errors(path, "read"), ocp.StandardCheckpointer() as checkpointer:
         return checkpointer.restore(path.absolute(), abstract)
 
 
@@ -90,24 +171,69 @@ def stored_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Flat path -> (shape, dtype) of an Orbax tree, from its metadata alone."""
     import orbax.checkpoint as ocp
 
-    with ocp.StandardCheckpointer() as checkpointer:
+    _tree_folder(path)
+    with _orbax_errors(path, "read the metadata of"), ocp.StandardCheckpointer() as checkpointer:
         meta = checkpointer.metadata(path.absolute())
-    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
-    return {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in flatten(tree).items()}
+    if hasattr(meta, "item_metadata"):  # a StepMetadata; older Orbax versions return the tree itself
+        if meta.item_metadata is None:  # Orbax logs a warning and returns no tree instead of raising
+            raise CheckpointError(f"{path}: cannot read the metadata of this Orbax tree "
+                                  f"({_unreadable_metadata(path)}); the checkpoint is damaged: {_RECONVERT}")
+        meta = meta.item_metadata.tree
+    return {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in flatten(meta).items()}
+
+
+def _unreadable_metadata(path: Path) -> str:
+    """Why Orbax found no tree metadata in `path`, as far as the files tell (Orbax drops its own reason)."""
+    metadata = path / "_METADATA"
+    if not metadata.is_file():
+        return "_METADATA is missing"
+    try:
+        json.loads(metadata.read_bytes())
+    except ValueError:
+        return "_METADATA is corrupt"
+    return "its array index, manifest.ocdbt and d/, is corrupt"
 
 
 class AtomicFolder:
     """Writes a folder under a temporary name next to `dst` and renames it into place only when complete.
-    An existing `dst` is refused unless `overwrite`; then it is replaced only after the new one is whole."""
+    An existing `dst` is refused unless `overwrite`; then it is replaced only after the new one is whole.
+
+    Constructing it checks `dst` and removes what an interrupted run for the same `dst` left next to it; entering
+    creates the temporary folder, which proves the place writable: enter before any heavy work, and do that work
+    inside, so that a failure leaves nothing behind."""
 
     def __init__(self, dst, overwrite: bool):
         self.dst = Path(dst)
         if self.dst.exists() and not overwrite:
             raise CheckpointError(f"{self.dst}: already exists; pass --overwrite to replace it, or choose another DST")
-        self.dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.dst.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:  # e.g. a file where a parent folder should be
+            raise CheckpointError(f"{self.dst}: cannot create its parent folder {self.dst.parent} ({reason(err)}); "
+                                  "choose another DST") from None
+        self._remove_leftovers()
+
+    def _remove_leftovers(self) -> None:
+        """Partial folders of a killed run (mkdtemp's names: the prefix and 8 characters of [a-z0-9_]) and the old
+        copy of a replaced `dst`; nothing else is touched. An old copy is kept while `dst` is missing: the run was
+        killed between its two renames, and that copy is the only complete one."""
+        pattern = re.compile(re.escape(f".{self.dst.name}.") + r"(partial-[a-z0-9_]{8}|old-[0-9]+)")
+        for entry in sorted(self.dst.parent.iterdir()):
+            if not pattern.fullmatch(entry.name) or not entry.is_dir() or entry.is_symlink():
+                continue
+            if entry.name.startswith(f".{self.dst.name}.old-") and not self.dst.exists():
+                log.warning("kept %s: it holds the previous %s, which an interrupted run did not put back; rename "
+                            "it to %s or delete it", entry, self.dst.name, self.dst.name)
+                continue
+            log.info("removing %s, left over from an interrupted run", entry)
+            shutil.rmtree(entry, ignore_errors=True)
 
     def __enter__(self) -> Path:
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dst.name}.partial-", dir=self.dst.parent))
+        try:
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dst.name}.partial-", dir=self.dst.parent))
+        except OSError as err:  # a read-only filesystem or folder: found before reading or writing any data
+            raise CheckpointError(f"{self.dst}: cannot write in {self.dst.parent} ({reason(err)}); choose a "
+                                  "writable DST") from None
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any other folder
@@ -206,6 +332,7 @@ def load(path, dtype="bfloat16", mesh=None, *, param_dtype=None, scan_layers: bo
         raise CheckpointError(f"{folder}: no such checkpoint folder; convert the release with "
                               "`python -m af2_jax.convert SRC DST` and pass DST")
     config, _ = read_config(folder)
+    _check_tokenizer(folder, config)
     dtype = jnp.dtype(dtype)
     param_dtype = jnp.dtype(param_dtype or dtype)
     abstract = nnx.eval_shape(lambda: AF2Model(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
@@ -235,13 +362,21 @@ def load(path, dtype="bfloat16", mesh=None, *, param_dtype=None, scan_layers: bo
     for p, var in variables:
         var.set_value(restored[p] if mesh is not None else jnp.asarray(restored[p]))
     model = nnx.merge(graphdef, state)
-    tokenizer_json = folder / "tokenizer" / "tokenizer.json"
-    if tokenizer_json.is_file():
-        from tokenizers import Tokenizer
-
-        size = Tokenizer.from_file(str(tokenizer_json)).get_vocab_size(with_added_tokens=True)
-        if size != config.lm.vocab_size:
-            raise CheckpointError(f"{tokenizer_json}: {size} tokens but the model has {config.lm.vocab_size} "
-                                  "embedding rows; re-convert the checkpoint")
     log.info("loaded %s (%s)", folder, dtype.name)
     return relayout(model, scan_layers)
+
+
+def _check_tokenizer(folder: Path, config: AF2Config) -> None:
+    """A tokenizer saved with the checkpoint must fit its embedding (checked before the weights are read)."""
+    tokenizer_json = folder / "tokenizer" / "tokenizer.json"
+    if not tokenizer_json.is_file():
+        return
+    from tokenizers import Tokenizer
+
+    try:
+        size = Tokenizer.from_file(str(tokenizer_json)).get_vocab_size(with_added_tokens=True)
+    except Exception as err:  # the tokenizers library raises plain Exception for a damaged file
+        raise CheckpointError(f"{tokenizer_json}: unreadable ({reason(err)}); {_RECONVERT}") from None
+    if size != config.lm.vocab_size:
+        raise CheckpointError(f"{tokenizer_json}: {size} tokens but the model has {config.lm.vocab_size} "
+                              "embedding rows; re-convert the checkpoint")
