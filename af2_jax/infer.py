@@ -4,9 +4,13 @@
     python -m af2_jax.infer --audio a.wav b.flac --prompt "Describe the sound." --json
     python -m af2_jax.infer --manifest items.jsonl --output answers.jsonl      # resumable
 
-Manifest lines are JSON objects {"audio": PATH, "prompt": TEXT, "id": optional}. Each answered item becomes one
-output line {"id", "audio", "prompt", "answer"} (or "error" for an item that cannot be used), written and flushed
-batch by batch; rerunning the same command after a kill skips what is already in the output.
+Manifest lines are JSON objects {"audio": PATH, "prompt": TEXT, "id": optional string or integer, by default the
+line number}. A line that is not such an object stops the run (fix the line); an item whose fields have the wrong
+type, or whose audio or prompt cannot be used, gets an "error" line and the others go on. Each item becomes one
+output line {"id", "audio", "prompt", "answer"} (or "error"), written and flushed batch by batch; rerunning the
+same command after a kill skips what is already in the output. --output must be a new file or one written by this
+command for the same questions: another file, the manifest itself, or an output that answered an id for another
+audio or prompt is refused and left as it is.
 
 Checkpoint: --checkpoint DIR (from `python -m af2_jax.convert`); without it, the converted release in the cache
 ($AF2_JAX_HOME, default ~/.cache/af2_jax) if there is one, else the embedded demo model, announced as such.
@@ -29,6 +33,7 @@ import warnings
 from pathlib import Path
 
 from af2_jax.config import MAX_WINDOWS_LIMIT
+from af2_jax.generate import Sampling
 
 log = logging.getLogger("af2_jax.infer")
 
@@ -99,9 +104,10 @@ def _check_args(p: argparse.ArgumentParser, args) -> None:
         p.error(f"--max-windows must be in 1..{MAX_WINDOWS_LIMIT}")
     if args.max_new_tokens < 1 or args.batch_size < 1:
         p.error("--max-new-tokens and --batch-size must be >= 1")
-    if args.temperature < 0 or (args.top_k is not None and args.top_k < 1) or \
-            (args.top_p is not None and not 0 < args.top_p <= 1):
-        p.error("need --temperature >= 0, --top-k >= 1, 0 < --top-p <= 1")
+    try:  # the sampling rule is generate's; a value it refuses is a bad argument here
+        Sampling(args.temperature, args.top_k, args.top_p)
+    except ValueError as err:
+        p.error(str(err))
 
 
 def resolve_checkpoint(args) -> tuple[Path, str]:
@@ -191,9 +197,11 @@ def _run(args) -> int:
 
     # A mesh that cannot work is refused before anything is loaded or compiled.
     mesh = make_mesh(args.mesh) if args.mesh else None
+    pending = _pending_items(args) if args.manifest else None
     path, why = resolve_checkpoint(args)
     config, _ = read_config(path)
     tokenizer = af2_jax.load_tokenizer(path, config.tokens)
+    _check_context(args, config, tokenizer, path)
     items = None
     if args.audio:  # read every input before the (slow) model load, so a bad file fails at once
         start = time.perf_counter()
@@ -203,8 +211,20 @@ def _run(args) -> int:
     model = _load(args, path, why, mesh)
     sampling = _sampling(args, mesh)
     if args.manifest:
-        return _run_manifest(args, model, tokenizer, sampling)
+        return _run_manifest(args, model, tokenizer, sampling, pending)
     return _run_files(args, model, tokenizer, items, sampling)
+
+
+def _check_context(args, config, tokenizer, path: Path) -> None:
+    """Refuses answers longer than the model's positions can hold after the longest prompt, before anything is
+    loaded or compiled (the text cache alone would be sized prompt + --max-new-tokens)."""
+    positions = config.lm.max_position_embeddings
+    most = positions - tokenizer.max_prompt_tokens
+    if args.max_new_tokens > most:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens} does not fit the model's context: a prompt (up to "
+                         f"{tokenizer.max_prompt_tokens} tokens) and its answer share {positions} positions "
+                         f"(lm.max_position_embeddings in {path / 'config.json'}); pass --max-new-tokens {most} "
+                         "or less")
 
 
 def _run_files(args, model, tokenizer, items, sampling: dict) -> int:
@@ -264,42 +284,117 @@ class _Streamer:
             self.shown = text
 
 
+def _shown(value) -> str:
+    """A manifest or output value quoted in a one-line error, cut short."""
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _manifest_item(line: str, number: int, path: Path) -> dict:
+    """One manifest line -> {"id", "audio", "prompt", "problem"}. A line that is not a JSON object with "audio" and
+    "prompt" stops the run: the file is not a manifest, or the line is damaged. A field of the wrong type is only
+    that item's `problem`, which becomes its "error" line, so one bad item does not stop the others (nor every
+    rerun)."""
+    try:
+        fields = json.loads(line)
+    except json.JSONDecodeError:
+        raise ValueError(f"{path}:{number}: not valid JSON; fix the line") from None
+    if not isinstance(fields, dict) or "audio" not in fields or "prompt" not in fields:
+        raise ValueError(f'{path}:{number}: needs an object with "audio" and "prompt"')
+    key, problems = fields.get("id", number), []
+    if isinstance(key, bool) or not isinstance(key, (str, int)):
+        problems.append(f'"id" must be a string or an integer, got {_shown(key)} (this line is kept under its line '
+                        f"number, {number})")
+        key = number
+    if not isinstance(fields["audio"], str):
+        problems.append(f'"audio" must be a file path (a string), got {_shown(fields["audio"])}')
+    if not isinstance(fields["prompt"], str):
+        problems.append(f'"prompt" must be a string, got {_shown(fields["prompt"])}')
+    return {"id": str(key), "audio": fields["audio"], "prompt": fields["prompt"],
+            "problem": "; ".join(problems) or None}
+
+
 def _read_manifest(path: Path) -> list[dict]:
-    items = []
     with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError:
-                raise ValueError(f"{path}:{number}: not valid JSON; fix the line") from None
-            if not isinstance(item, dict) or "audio" not in item or "prompt" not in item:
-                raise ValueError(f'{path}:{number}: needs an object with "audio" and "prompt"')
-            item["id"] = str(item.get("id", number))
-            items.append(item)
+        items = [_manifest_item(line, number, path) for number, line in enumerate(f, 1) if line.strip()]
     ids = [it["id"] for it in items]
     if len(set(ids)) != len(ids):
         raise ValueError(f"{path}: duplicate ids; every line needs a unique \"id\" (or none, to use line numbers)")
     return items
 
 
-def _done_ids(path: Path, repair: bool) -> set[str]:
-    """Ids already in the output. A last line cut off by a kill is ignored, and removed when `repair` (process 0)
-    so appending stays valid JSONL."""
+def _output_line(item: dict, **result) -> str:
+    """The output line of one manifest item: its "id", "audio" and "prompt" (what was asked, so a rerun can tell
+    whether the output belongs to its manifest), then "answer" or "error"."""
+    return json.dumps({"id": item["id"], "audio": item["audio"], "prompt": item["prompt"], **result}) + "\n"
+
+
+# How every _output_line starts, so also the last line of an output cut off by a kill.
+_LINE_START = b'{"id": '
+
+
+def _output_record(line: bytes) -> dict | None:
+    """The record of one complete output line, or None where it is not a line this command writes."""
+    try:
+        record = json.loads(line)
+    except ValueError:  # not JSON, or not text at all
+        return None
+    if isinstance(record, dict) and isinstance(record.get("id"), str) and {"audio", "prompt"} <= record.keys() \
+            and isinstance(record.get("answer"), str) != isinstance(record.get("error"), str):
+        return record
+    return None
+
+
+def _read_output(path: Path) -> tuple[dict[str, dict], int]:
+    """What earlier runs wrote to `path` (id -> record) and the length in bytes of its complete lines. Only a last
+    line cut off by a kill may be incomplete; anything else that is not an output line means `path` is some other
+    file, refused before it is touched (cutting or appending to it would damage it)."""
     if not path.exists():
-        return set()
+        return {}, 0
     data = path.read_bytes()
-    good = data[: data.rfind(b"\n") + 1]  # everything up to the last complete line
-    if len(good) != len(data) and repair:
-        log.warning("%s: dropping an incomplete last line left by an interrupted run", path)
-        with open(path, "r+b") as f:
-            f.truncate(len(good))
-    done = set()
-    for line in good.decode().splitlines():
+    complete = data.rfind(b"\n") + 1
+    tail = data[complete:]
+    refusal = f"{path} is not an answer file of this command (%s); pass another --output: a new file, or one " \
+              "written by this command"
+    if not (tail.startswith(_LINE_START) or _LINE_START.startswith(tail)):
+        raise ValueError(refusal % "its last line is not an answer line")
+    records = {}
+    for number, line in enumerate(data[:complete].splitlines(), 1):
         if line.strip():
-            done.add(str(json.loads(line)["id"]))
-    return done
+            record = _output_record(line)
+            if record is None:
+                raise ValueError(refusal % f"line {number} is not an answer line")
+            records[record["id"]] = record
+    return records, complete
+
+
+def _pending_items(args) -> list[dict]:
+    """The manifest items --output does not answer yet, once every check that needs no model has passed: the
+    output is not the manifest, is an answer file, and answers none of these ids for another audio or prompt (as
+    with another manifest's output; ids default to line numbers, so they collide). Only then is a last line cut
+    off by a kill removed, by process 0, so appending stays valid JSONL."""
+    from af2_jax.distributed import is_main_process
+
+    manifest, output = Path(args.manifest), Path(args.output)
+    if manifest.exists() and output.exists() and os.path.samefile(manifest, output):
+        raise ValueError(f"--output {output} is the manifest {manifest}; pass another --output for the answers")
+    items = _read_manifest(manifest)
+    records, complete = _read_output(output)
+    for it in items:
+        old = records.get(it["id"])
+        if old is not None and (old["audio"], old["prompt"]) != (it["audio"], it["prompt"]):
+            raise ValueError(f"{output} answers id {it['id']} for audio {_shown(old['audio'])}, prompt "
+                             f"{_shown(old['prompt'])}, but {manifest} asks about audio {_shown(it['audio'])}, "
+                             f"prompt {_shown(it['prompt'])}; use another --output, or delete {output} to answer "
+                             "again")
+    if output.exists() and complete < output.stat().st_size and is_main_process():
+        log.warning("%s: dropping an incomplete last line left by an interrupted run", output)
+        with open(output, "r+b") as f:
+            f.truncate(complete)
+    pending = [it for it in items if it["id"] not in records]
+    log.info("manifest: %d item(s), %d already answered in %s, %d to go", len(items), len(items) - len(pending),
+             output, len(pending))
+    return pending
 
 
 def _window_count(path: str, max_windows: int, window_seconds: float) -> int:
@@ -315,7 +410,7 @@ def _window_count(path: str, max_windows: int, window_seconds: float) -> int:
     return max(1, min(max_windows, math.ceil(seconds / window_seconds)))
 
 
-def _run_manifest(args, model, tokenizer, sampling: dict) -> int:
+def _run_manifest(args, model, tokenizer, sampling: dict, pending: list[dict]) -> int:
     from tqdm import tqdm
 
     from af2_jax.audio.io import AudioError
@@ -326,16 +421,14 @@ def _run_manifest(args, model, tokenizer, sampling: dict) -> int:
     from af2_jax.distributed import is_main_process
 
     main = is_main_process()  # every process decodes every batch; only process 0 writes and shows progress
-    items = _read_manifest(Path(args.manifest))
     output = Path(args.output)
-    done = _done_ids(output, repair=main)
-    pending = [it for it in items if it["id"] not in done]
-    log.info("manifest: %d item(s), %d already answered in %s, %d to go", len(items), len(items) - len(pending),
-             output, len(pending))
     groups: dict[int, list[dict]] = {}
     audio_config = model.config.audio
     max_windows = args.max_windows or audio_config.max_windows
     for it in pending:  # batch clips of similar length together: one compiled shape per bucket
+        if it["problem"]:  # group 0: nothing to load, only "error" lines to write
+            groups.setdefault(0, []).append(it)
+            continue
         count = _window_count(it["audio"], max_windows, audio_config.window_seconds)
         groups.setdefault(bucket_windows(count), []).append(it)
     errors, timings = 0, {}
@@ -346,19 +439,21 @@ def _run_manifest(args, model, tokenizer, sampling: dict) -> int:
             for first in range(0, len(group), args.batch_size):
                 batch, prepared, lines = group[first:first + args.batch_size], [], []
                 for it in batch:
-                    try:
-                        prepared.append((it, prepare(tokenizer, it["audio"], it["prompt"], args.max_windows,
-                                                     audio_config)))
-                    except (AudioError, TokenizerError) as err:
-                        errors += 1
-                        lines.append({"id": it["id"], "audio": it["audio"], "prompt": it["prompt"],
-                                      "error": str(err)})
+                    problem = it["problem"]
+                    if problem is None:
+                        try:
+                            prepared.append((it, prepare(tokenizer, it["audio"], it["prompt"], args.max_windows,
+                                                         audio_config)))
+                            continue
+                        except (AudioError, TokenizerError) as err:
+                            problem = str(err)
+                    errors += 1
+                    lines.append(_output_line(it, error=problem))
                 if prepared:
                     answers = answer_items(model, tokenizer, [p for _, p in prepared], timings=timings,
                                            **sampling)
-                    lines += [{"id": it["id"], "audio": it["audio"], "prompt": it["prompt"], "answer": text}
-                              for (it, _), text in zip(prepared, answers)]
-                out.write("".join(json.dumps(line) + "\n" for line in lines))
+                    lines += [_output_line(it, answer=text) for (it, _), text in zip(prepared, answers)]
+                out.write("".join(lines))
                 out.flush()
                 os.fsync(out.fileno())
                 bar.update(len(batch))

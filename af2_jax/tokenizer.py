@@ -135,15 +135,20 @@ class AF2Tokenizer:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def prompt_ids(self, question: str) -> list[int]:
-        """`<audio>` + question.lower().strip() + `<SEP>`, cut to `max_prompt_tokens` (AF2_SPEC 5.1)."""
+        """`<audio>` + question.lower().strip() + `<SEP>` (AF2_SPEC 5.1), at most `max_prompt_tokens` long: a longer
+        question is cut, never the template. The original cut the whole sequence, which loses `<SEP>`, and the
+        answer (what follows the last `<SEP>`) then became the prompt itself."""
         text = question.lower().strip()
         if not text:
             raise TokenizerError("the prompt is empty; ask a question about the audio")
+        # One encoding of the whole string, as the original: the question's tokens next to the template's are not
+        # always those of the question encoded alone.
         ids = self.encode("<audio>" + text + "<SEP>")
         if len(ids) > self.max_prompt_tokens:
-            warnings.warn(f"the prompt has {len(ids)} tokens; only the first {self.max_prompt_tokens} are used, "
-                          "as in the original", stacklevel=2)
-            ids = ids[: self.max_prompt_tokens]
+            kept = self.max_prompt_tokens - 2
+            warnings.warn(f"the prompt has {len(ids)} tokens, over the {self.max_prompt_tokens} allowed; only the "
+                          f"first {kept} tokens of the question are used (ask a shorter question)", stacklevel=2)
+            ids = ids[: kept + 1] + ids[-1:]
         return ids
 
     def answer(self, prompt_ids, new_ids) -> str:

@@ -72,10 +72,13 @@ def test_prompt_template_and_answer(tok):
         tok.prompt_ids("   ")
 
 
-def test_long_prompts_are_cut_to_512_tokens_with_a_warning(tok):
-    with pytest.warns(UserWarning, match="only the first 512"):
-        ids = tok.prompt_ids("word " * 600)
-    assert len(ids) == 512 and ids[0] == 151665
+def test_long_prompts_cut_the_question_not_the_template(tok):
+    question = "word " * 600
+    with pytest.warns(UserWarning, match="only the first 510 tokens of the question"):
+        ids = tok.prompt_ids(question)
+    whole = tok.encode("<audio>" + question.strip() + "<SEP>")
+    assert len(ids) == 512 and ids[:511] == whole[:511] and ids[-1] == tok.tokens.sep
+    assert tok.answer(ids, tok.encode("a dog barks<|endoftext|>")) == "a dog barks"
 
 
 def test_save_and_load(tok, tmp_path):
