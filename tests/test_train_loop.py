@@ -215,6 +215,52 @@ def test_six_steps_equal_three_a_kill_and_three_more(tones, tmp_path):
     assert isinstance(text, str)
 
 
+def _restore_final_step(out_dir):
+    with ocp.CheckpointManager(out_dir / "checkpoints") as manager:
+        step = manager.latest_step()
+        return step, manager.restore(step)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_real_kill_and_a_rerun_equal_a_straight_run(tones, tmp_path, kill):
+    """The CLI in a subprocess, killed once step 3 is logged, then rerun: parameters, AdamW state and data position
+    at the end equal a straight run's. (Mutation check: resetting the optimizer state after the restore in
+    `loop.run`, `state = state.replace(opt_state=tx.init(state.params))`, makes this fail.)"""
+    config = tiny_train_config(tones, tmp_path / "killed", optim={"warmup_steps": 0},
+                               run={"steps": 6, "save_every": 2})
+    killed = tmp_path / "killed.yaml"
+    killed.write_text(yaml.safe_dump(config))
+    straight = tmp_path / "straight.yaml"
+    straight.write_text(yaml.safe_dump({**config, "run": {**config["run"], "out_dir": str(tmp_path / "straight")}}))
+    assert _cli("--config", str(straight)).returncode == 0
+    metrics = tmp_path / "killed" / "tensorboard" / "metrics.jsonl"
+    with open(tmp_path / "killed.log", "w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "af2_jax.train", "--config", str(killed)],
+                                   stdout=log, stderr=log, env=dict(os.environ, PYTHONPATH=str(REPO)))
+        try:
+            deadline = time.monotonic() + 240
+            while not (metrics.is_file() and any(json.loads(line)["step"] >= 3
+                                                 for line in metrics.read_text().splitlines())):
+                assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "killed.log").read_text()
+                time.sleep(0.05)
+            process.send_signal(kill)
+            process.wait(timeout=120)
+        finally:
+            process.kill()
+    with ocp.CheckpointManager(tmp_path / "killed" / "checkpoints") as manager:
+        assert manager.latest_step() < 6  # it was stopped before the end
+    rerun = _cli("--config", str(killed))
+    assert rerun.returncode == 0 and "resumed from" in rerun.stderr, rerun.stderr[-2000:]
+    (step_a, a), (step_b, b) = _restore_final_step(tmp_path / "straight"), _restore_final_step(tmp_path / "killed")
+    assert step_a == step_b == 6
+    left, right = jax.tree.leaves(a.state), jax.tree.leaves(b.state)
+    assert len(left) == len(right) > 0
+    for x, y in zip(left, right):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # parameters, AdamW moments, step
+    assert a.data == b.data
+
+
 def test_frozen_parameters_stay_bit_identical(tones, tmp_path):
     import af2_jax
 
