@@ -314,15 +314,15 @@ def _json_kind(default) -> str:
     return _JSON_KINDS[type(default)][0]
 
 
-def _lm(hidden, intermediate, layers, heads, kv_heads) -> LMConfig:
+def _lm(hidden, intermediate, layers, heads, kv_heads, positions=32768) -> LMConfig:
     return LMConfig(hidden_size=hidden, intermediate_size=intermediate, num_layers=layers,
-                    num_heads=heads, num_kv_heads=kv_heads)
+                    num_heads=heads, num_kv_heads=kv_heads, max_position_embeddings=positions)
 
 
 # The released sizes differ only in the Qwen2.5 LM (AF2_SPEC 3.6); the audio side is identical.
 PRESETS: dict[str, AF2Config] = {
     "af2-3b": AF2Config(lm=_lm(2048, 11008, 36, 16, 2)),
-    "af2-1.5b": AF2Config(lm=_lm(1536, 8960, 28, 12, 2)),
+    "af2-1.5b": AF2Config(lm=_lm(1536, 8960, 28, 12, 2, positions=131072)),  # Qwen2.5-1.5B's own config
     "af2-0.5b": AF2Config(lm=_lm(896, 4864, 24, 14, 2)),
 }
 

@@ -48,6 +48,76 @@ def test_language_model_stage_by_stage(golden, scan_layers):
     assert rel_err(_masked(logits, am), _masked(o["logits"], am)) <= 1e-4
 
 
+# --- padded text ----------------------------------------------------------------------------------------------------
+# The fixtures' own text is unpadded (attention masks all ones), so these pad it and compare with the PyTorch
+# reference (tests/reference) on the fixture's weights. Mutation that the left-padded case catches: in
+# af2_jax/nn/af2.py AF2Model.hidden_states, `mask = causal[None] & (attention_mask[:, None, :] != 0)` ->
+# `mask = jnp.broadcast_to(causal[None], (b, t, t))` (attention_mask ignored). Right padding cannot catch it in a
+# causal forward (valid positions never see the later padding); it pins that right padding changes nothing.
+_REFERENCE = {}
+_FORWARD = nnx.jit(lambda m, *a: m(*a))  # one compilation per (model, shapes), shared by the padded tests
+
+
+def _reference(golden):
+    from af2_jax.checkpoint import SafetensorsCheckpoint
+    from reference import AF2Reference
+
+    if golden.name not in _REFERENCE:
+        model = AF2Reference(golden.raw_config)
+        model.load_original(dict(SafetensorsCheckpoint(golden.weights).items()))
+        _REFERENCE[golden.name] = model
+    return _REFERENCE[golden.name]
+
+
+def _against_reference(golden, ids, mask):
+    """Our float32 logits and the reference's for text `ids`/`mask` over the fixture's audio (its stored audio
+    transformer output), compared where mask == 1 (the stage-by-stage tolerance). Returns our logits."""
+    o = golden.outputs
+    media_mask = np.repeat(golden.inputs["audio_x_mask"], golden.config.htsat.tokens_per_window, axis=1)
+    ours = np.asarray(_FORWARD(_model(golden), ids, mask, o["audio_transformer_out"], media_mask))
+    with torch.no_grad():
+        expected = _reference(golden)(torch.from_numpy(ids), torch.from_numpy(mask),
+                                      torch.from_numpy(o["audio_transformer_out"]), torch.from_numpy(media_mask))
+    err = rel_err(_masked(ours, mask), _masked(expected.numpy(), mask))
+    assert err <= 1e-4, f"{golden.name}: logits at valid positions differ from the reference by {err:.2e} relative"
+    return ours
+
+
+def _pad(ids, lengths, pad, side):
+    """Row r of `ids` cut to its first lengths[r] tokens and padded back to the full length with `pad` on `side`."""
+    out, mask = np.full_like(ids, pad), np.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        where = slice(0, n) if side == "right" else slice(ids.shape[1] - n, None)
+        out[row, where], mask[row, where] = ids[row, :n], 1
+    return out, mask
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_text_matches_the_reference(golden, side):
+    ids = golden.inputs["input_ids"]
+    b, t = ids.shape
+    lengths = [max(2, t - 2 - 3 * row) for row in range(b)]  # every row padded, by different amounts
+    padded, mask = _pad(ids, lengths, golden.config.tokens.pad, side)
+    ours = _against_reference(golden, padded, mask)
+    # The valid positions are the fixture's own rows cut short, so they also give the original's stored logits
+    # (positions 0..T-1 whatever the padding, as the original's plain forward; rotary attention is
+    # shift-invariant, so left padding leaves them unchanged too).
+    stored = np.concatenate([golden.outputs["logits"][row, :n] for row, n in enumerate(lengths)])
+    err = rel_err(_masked(ours, mask), stored)
+    assert err <= 1e-4, f"{golden.name}: logits at valid positions differ from the stored ones by {err:.2e} relative"
+
+
+def test_the_fixtures_own_padded_text_matches_the_reference(golden):
+    i = golden.inputs
+    pairs = [(ids, mask) for ids, mask in ((i["input_ids"], i["attention_mask"]),
+                                           (i["gen_input_ids"], i["gen_attention_mask"])) if (mask == 0).any()]
+    if not pairs:
+        pytest.skip(f"{golden.name}: no padding in inputs.npz (padded text is covered by "
+                    "test_padded_text_matches_the_reference)")
+    for ids, mask in pairs:
+        _against_reference(golden, ids, mask)
+
+
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """The fixtures converted by the CLI, from the plain file and from the released layout, in float32."""
