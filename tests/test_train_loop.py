@@ -209,10 +209,24 @@ def test_six_steps_equal_three_a_kill_and_three_more(tones, tmp_path):
     assert steps == [1, 2, 3, 4, 5, 6]
     import af2_jax
 
+    from flax import nnx
+    import ml_dtypes
+
     model = af2_jax.load(tmp_path / "straight" / "final", dtype="float32")
-    text = af2_jax.answer(model, af2_jax.load_tokenizer(tmp_path / "straight" / "final"),
-                          str(tones / "audio" / "test" / "0.flac"), "is the tone low or high?", max_new_tokens=3)
-    assert isinstance(text, str)
+    # final/ holds the trained parameters of step 6 (run.final_dtype bfloat16), not, say, the initial ones
+    trained = [np.asarray(x).astype(ml_dtypes.bfloat16).astype(np.float32) for x in jax.tree.leaves(left.state)
+               if np.asarray(x).dtype == np.float32]
+    for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        value = np.asarray(value[...])
+        assert any(t.shape == value.shape and np.array_equal(t, value) for t in trained), path
+    tokenizer = af2_jax.load_tokenizer(tmp_path / "straight" / "final")
+    clip = str(tones / "audio" / "test" / "0.flac")
+    text = af2_jax.answer(model, tokenizer, clip, "is the tone low or high?", max_new_tokens=3)
+    windows, mask = af2_jax.audio.load_windows(clip, max_windows=1, config=model.config.audio)
+    ids = tokenizer.prompt_ids("is the tone low or high?")
+    out = af2_jax.generate(model, np.asarray([ids]), np.ones((1, len(ids)), np.int32), windows[None], mask[None],
+                           max_new_tokens=3)
+    assert text == tokenizer.answer(ids, out.tokens[0, : out.lengths[0]])
 
 
 def _restore_final_step(out_dir):
@@ -226,7 +240,7 @@ def _restore_final_step(out_dir):
 def test_a_real_kill_and_a_rerun_equal_a_straight_run(tones, tmp_path, kill):
     """The CLI in a subprocess, killed once step 3 is logged, then rerun: parameters, AdamW state and data position
     at the end equal a straight run's. (Mutation check: resetting the optimizer state after the restore in
-    `loop.run`, `state = state.replace(opt_state=tx.init(state.params))`, makes this fail.)"""
+    `loop.run`, `state = state._replace(opt_state=tx.init(state.params))`, makes this fail.)"""
     config = tiny_train_config(tones, tmp_path / "killed", optim={"warmup_steps": 0},
                                run={"steps": 6, "save_every": 2})
     killed = tmp_path / "killed.yaml"
@@ -334,7 +348,6 @@ def test_config_numbers_read_as_people_write_them(tones, tmp_path):
 
 
 def test_batch_that_does_not_split_over_the_data_axes(tones, tmp_path):
-    from af2_jax.sharding import MeshError
     from af2_jax.training.loop import training_mesh
 
     config = _config(tones, tmp_path, optim={"batch_size": 3}, run={"mesh": "fsdp=1"})
@@ -348,8 +361,9 @@ def test_batch_that_does_not_split_over_the_data_axes(tones, tmp_path):
                           capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, PYTHONPATH=str(REPO),
                                    XLA_FLAGS="--xla_force_host_platform_device_count=4"))
-    assert run_.returncode == 2 and "optim.batch_size 6 does not split over data x fsdp = 4" in run_.stderr
-    assert MeshError  # the error type the CLI reports
+    assert run_.returncode == 2
+    assert run_.stderr.splitlines()[-1] == ("error: optim.batch_size 6 does not split over data x fsdp = 4 devices; "
+                                            "use a multiple of 4 or change run.mesh")
 
 
 def test_sharded_train_steps_equal_one_device(tones, tmp_path):
@@ -362,25 +376,38 @@ def test_sharded_train_steps_equal_one_device(tones, tmp_path):
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow
 def test_two_processes_train_checkpoint_and_resume(tones, tmp_path):
+    """Two processes train 2 steps, stop, and resume to 4; the end equals a straight 4-step two-process run.
+    (Mutation check: resetting the optimizer state after the restore in `loop.run` makes this fail.)"""
     import portpicker
 
     script = os.path.join(HERE, "train_check.py")
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    for steps in (2, 4):
+    for out, steps in ((tmp_path, 2), (tmp_path, 4), (tmp_path / "straight", 4)):
         port = portpicker.pick_unused_port()
-        procs = [subprocess.Popen([sys.executable, script, "process", str(tones), str(tmp_path), str(port), str(n),
+        procs = [subprocess.Popen([sys.executable, script, "process", str(tones), str(out), str(port), str(n),
                                    str(steps)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
                  for n in range(2)]
         outputs = [p.communicate(timeout=300) for p in procs]
-        for p, (out, err) in zip(procs, outputs):
+        for p, (stdout, err) in zip(procs, outputs):
             assert p.returncode == 0, err[-3000:]
         assert f"TRAINED {steps}" in outputs[0][0] and "TRAINED" not in outputs[1][0]
-    assert "resumed" in outputs[0][1]
-    with ocp.CheckpointManager(tmp_path / "two" / "checkpoints") as manager:
+        if out == tmp_path and steps == 4:
+            assert "resumed" in outputs[0][1]
+    with ocp.CheckpointManager(tmp_path / "two" / "checkpoints") as manager, \
+            ocp.CheckpointManager(tmp_path / "straight" / "two" / "checkpoints") as straight:
         assert {2, 4} <= set(manager.all_steps())
-        data = manager.restore(4, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data
-    assert set(data) == {"process_0", "process_1"}  # each process's iterator state
+        data_only = ocp.args.Composite(data=ocp.args.JsonRestore())
+        resumed, expected = manager.restore(4, args=data_only).data, straight.restore(4, args=data_only).data
+    assert set(resumed) == {"process_0", "process_1"} and resumed == expected  # each process's iterator state
     import af2_jax
+    from flax import nnx
 
-    assert af2_jax.load(tmp_path / "two" / "final", dtype="float32").config.lm.hidden_size == 32  # gathered, saved
+    # The final models (gathered from both processes onto this one device): the parameters after step 4
+    final = af2_jax.load(tmp_path / "two" / "final", dtype="float32")
+    again = af2_jax.load(tmp_path / "straight" / "two" / "final", dtype="float32")
+    left, right = nnx.to_flat_state(nnx.state(final)), nnx.to_flat_state(nnx.state(again))
+    assert len(left) == len(right) > 0
+    for (path, x), (_, y) in zip(left, right):
+        np.testing.assert_array_equal(np.asarray(x[...]), np.asarray(y[...]), err_msg=str(path))
