@@ -34,6 +34,8 @@ FIXTURE_DIRS = sorted(p for p in FIXTURES.iterdir() if (p / "config.json").is_fi
 if not FIXTURE_DIRS:
     raise pytest.UsageError(f"AF2_FIXTURES={FIXTURES} holds no fixture folder with a config.json")
 SHAPE_MAPS = sorted(FIXTURES.glob("af2_*_shapes.json"))
+if not SHAPE_MAPS:  # an empty parametrisation would skip every shape-map test without a word
+    raise pytest.UsageError(f"AF2_FIXTURES={FIXTURES} holds no af2_*_shapes.json release shape map")
 
 
 class Fixture:
@@ -191,7 +193,9 @@ def write_tone_dataset(root: Path, per_split: int = 8) -> Path:
 TINY_TRAIN_OVERRIDES = {
     "htsat": {"embed_dim": 8, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 4]},
     "audio_transformer": {"d_model": 64, "n_heads": 2, "n_layers": 1, "d_inner": 64},
-    "cross_attention": {"heads": 2, "dim_head": 16, "ff_mult": 1},
+    # Open gates: at the original's 0, tanh(0) = 0 cuts the audio path and every weight behind the gates (the audio
+    # encoder, the audio transformer, the cross-attention weights) gets exactly zero gradient.
+    "cross_attention": {"heads": 2, "dim_head": 16, "ff_mult": 1, "gate_init": 0.5},
     "lm": {"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2},
     "audio": {"max_windows": 1},
 }

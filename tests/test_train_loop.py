@@ -367,7 +367,8 @@ def test_batch_that_does_not_split_over_the_data_axes(tones, tmp_path):
 
 
 def test_sharded_train_steps_equal_one_device(tones, tmp_path):
-    """fsdp=4,tensor=2 on 8 simulated devices: two optimizer steps give the single-device parameters."""
+    """fsdp=4,tensor=2 on 8 simulated devices, every parameter trainable: loss, grad norm and every gradient of two
+    steps equal one device's; the sharded AdamW step equals one device's on the same gradients."""
     result = subprocess.run([sys.executable, os.path.join(HERE, "train_check.py"), "mesh", str(tones),
                              str(tmp_path)], capture_output=True, text=True, timeout=600,
                             env=dict(os.environ, PYTHONPATH=str(REPO)))
