@@ -45,7 +45,7 @@ class Fixture:
         self.path = path
         self.name = path.name
         self.raw_config = json.loads((path / "config.json").read_text())
-        self._inputs = self._outputs = None
+        self._inputs = self._outputs = self._reference = None
 
     @property
     def config(self):
@@ -68,6 +68,17 @@ class Fixture:
     @property
     def weights(self) -> Path:
         return self.path / "model.safetensors"
+
+    @property
+    def reference(self):
+        """Our PyTorch reference (tests/reference) with this fixture's weights, built once per session."""
+        if self._reference is None:
+            from af2_jax.checkpoint import SafetensorsCheckpoint
+            from reference import AF2Reference
+
+            self._reference = AF2Reference(self.raw_config)
+            self._reference.load_original(dict(SafetensorsCheckpoint(self.weights).items()))
+        return self._reference
 
 
 _LOADED = {p: Fixture(p) for p in FIXTURE_DIRS}

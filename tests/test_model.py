@@ -54,19 +54,7 @@ def test_language_model_stage_by_stage(golden, scan_layers):
 # af2_jax/nn/af2.py AF2Model.hidden_states, `mask = causal[None] & (attention_mask[:, None, :] != 0)` ->
 # `mask = jnp.broadcast_to(causal[None], (b, t, t))` (attention_mask ignored). Right padding cannot catch it in a
 # causal forward (valid positions never see the later padding); it pins that right padding changes nothing.
-_REFERENCE = {}
 _FORWARD = nnx.jit(lambda m, *a: m(*a))  # one compilation per (model, shapes), shared by the padded tests
-
-
-def _reference(golden):
-    from af2_jax.checkpoint import SafetensorsCheckpoint
-    from reference import AF2Reference
-
-    if golden.name not in _REFERENCE:
-        model = AF2Reference(golden.raw_config)
-        model.load_original(dict(SafetensorsCheckpoint(golden.weights).items()))
-        _REFERENCE[golden.name] = model
-    return _REFERENCE[golden.name]
 
 
 def _against_reference(golden, ids, mask):
@@ -76,7 +64,7 @@ def _against_reference(golden, ids, mask):
     media_mask = np.repeat(golden.inputs["audio_x_mask"], golden.config.htsat.tokens_per_window, axis=1)
     ours = np.asarray(_FORWARD(_model(golden), ids, mask, o["audio_transformer_out"], media_mask))
     with torch.no_grad():
-        expected = _reference(golden)(torch.from_numpy(ids), torch.from_numpy(mask),
+        expected = golden.reference(torch.from_numpy(ids), torch.from_numpy(mask),
                                       torch.from_numpy(o["audio_transformer_out"]), torch.from_numpy(media_mask))
     err = rel_err(_masked(ours, mask), _masked(expected.numpy(), mask))
     assert err <= 1e-4, f"{golden.name}: logits at valid positions differ from the reference by {err:.2e} relative"

@@ -16,24 +16,13 @@ from reference.af2_torch import AudioTransformer, GatedCrossAttentionBlock, int1
 
 torch.set_num_threads(2)
 T = torch.from_numpy
-_CACHE = {}
-
-
-def _reference(golden):
-    if golden.name not in _CACHE:
-        model = AF2Reference(golden.raw_config)
-        model.load_original(dict(SafetensorsCheckpoint(golden.weights).items()))
-        _CACHE[golden.name] = model
-    return _CACHE[golden.name]
-
-
 def _masked(array, attention_mask):
     return np.asarray(array)[..., np.asarray(attention_mask) == 1, :]
 
 
 @torch.no_grad()
 def test_reference_audio_stages(golden):
-    ref, i, o = _reference(golden), golden.inputs, golden.outputs
+    ref, i, o = golden.reference, golden.inputs, golden.outputs
     b, n, s = i["audio_x"].shape
     mel = log_mel(int16_round_trip(T(i["audio_x"]).reshape(b * n, s))).reshape(o["mel"].shape).numpy()
     assert_log_mel_close(mel, o["mel"])
@@ -49,7 +38,7 @@ def test_reference_audio_stages(golden):
 
 @torch.no_grad()
 def test_reference_language_model_stages(golden):
-    ref, i, o = _reference(golden), golden.inputs, golden.outputs
+    ref, i, o = golden.reference, golden.inputs, golden.outputs
     media_mask = T(i["audio_x_mask"]).repeat_interleave(o["clap_embeds"].shape[2], dim=1)
     logits, xattn, layers = ref(T(i["input_ids"]), T(i["attention_mask"]), T(o["audio_transformer_out"]), media_mask,
                                 return_intermediates=True)
@@ -68,14 +57,14 @@ def test_reference_language_model_stages(golden):
 def test_reference_loads_the_released_layout(golden):
     ref = AF2Reference(golden.raw_config)
     ref.load_original(dict(SafetensorsCheckpoint(golden.path / "hf_repo").items()))
-    for (name, a), (_, b) in zip(ref.state_dict().items(), _reference(golden).state_dict().items()):
+    for (name, a), (_, b) in zip(ref.state_dict().items(), golden.reference.state_dict().items()):
         assert torch.equal(a, b), name
 
 
 @torch.no_grad()
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_reference_greedy_decoding(golden, use_cache):
-    ref, i, o = _reference(golden), golden.inputs, golden.outputs
+    ref, i, o = golden.reference, golden.inputs, golden.outputs
     gen = golden.raw_config["generation"]
     n = o["generated_tokens"].shape[1]
     ids = ref.generate_greedy(T(i["gen_input_ids"]), T(i["gen_attention_mask"]), T(i["audio_x"]),
