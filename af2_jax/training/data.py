@@ -106,6 +106,11 @@ def validation_sets(data: DataSection) -> dict[str, list[Item]]:
 AUDIO_SAMPLE = 16  # files checked per set before training
 
 
+def _data_root_hint(data_root: str) -> str:
+    """The fix named when audio cannot be read in bulk: a wrong data root is by far the likeliest cause."""
+    return f"data.data_root is {data_root!r}: point it at the folder holding the manifests' split_path folders"
+
+
 def check_audio(items: list[Item], data: DataSection, sample: int = AUDIO_SAMPLE) -> None:
     """Checks the headers of up to `sample` evenly spaced files of each set. A set none of whose sampled files can be
     read is an error naming data.data_root (nothing would train on it); some unreadable files are a warning (they
@@ -124,8 +129,7 @@ def check_audio(items: list[Item], data: DataSection, sample: int = AUDIO_SAMPLE
                 errors.append(str(err))
         if len(errors) == len(picked):
             raise ConfigError(f"{name}: none of {len(picked)} sampled audio files can be read (e.g. {errors[0]}); "
-                              f"data.data_root is {data.data_root!r}: point it at the folder holding the manifests' "
-                              "split_path folders")
+                              f"{_data_root_hint(data.data_root)}")
         if errors:
             log.warning("%s: %d of %d sampled audio files cannot be read (e.g. %s); such items are skipped",
                         name, len(errors), len(picked), errors[0])
@@ -204,8 +208,7 @@ class TrainBatches:
                 log.warning("skipped (%d so far): %s", self.broken, example["broken"])
                 if self._unreadable_in_a_row >= self._give_up_after:
                     raise ConfigError(f"{self._unreadable_in_a_row} training audio files in a row cannot be read "
-                                      f"(the last: {example['broken']}); data.data_root is {self._data_root!r}: "
-                                      "point it at the folder holding the manifests' split_path folders")
+                                      f"(the last: {example['broken']}); {_data_root_hint(self._data_root)}")
                 continue
             self._unreadable_in_a_row = 0
             examples.append(example)
