@@ -6,8 +6,6 @@ Orbax checkpoint and `config.json`, loadable with `af2_jax.load(DST, dtype=...)`
 
 With --export, SRC is an af2-jax checkpoint and DST receives the released layout under the original names, which
 the original PyTorch loader accepts.
-
-Exit codes: 0 done, 1 the input cannot be used (one-line error), 2 bad arguments.
 """
 
 from __future__ import annotations
@@ -19,6 +17,7 @@ import time
 
 from af2_jax.checkpoint.convert import convert, export, inspect
 from af2_jax.checkpoint.reader import CheckpointError
+from af2_jax.cli import EXIT_CODES, prog, run_command, setup_logging, warn_if_cpu_only
 from af2_jax.config import PRESETS
 
 __all__ = ["convert", "export", "inspect", "main"]
@@ -26,7 +25,7 @@ log = logging.getLogger("af2_jax.convert")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m af2_jax.convert", description=__doc__,
+    p = argparse.ArgumentParser(prog=prog("convert"), description=__doc__, epilog=EXIT_CODES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", metavar="SRC", help="released folder, .safetensors file(s), hub id, or (--export) an "
                                               "af2-jax checkpoint")
@@ -51,31 +50,29 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
-    logging.getLogger("absl").setLevel(logging.WARNING)
     if not args.dry_run and not args.dst:
         parser.error("DST is required (or pass --dry-run)")
+    setup_logging()
+    return run_command(lambda: _run(args), (CheckpointError, ValueError, OSError), debug=args.debug)
+
+
+def _run(args) -> int:
     start = time.perf_counter()
     from af2_jax.distributed import is_main_process, maybe_initialize_distributed
 
     maybe_initialize_distributed()
     if not is_main_process():  # conversion is a single-host job: on a pod, process 0 does it
         return 0
-    try:
-        if args.export:
-            export(args.src, args.dst, overwrite=args.overwrite)
-        elif args.dry_run:
-            result = inspect(args.src, args.model, args.dtype)
-            print(f"dry run OK: {result.summary(args.dtype)}")
-        else:
-            convert(args.src, args.dst, args.model, args.dtype, overwrite=args.overwrite,
-                    allow_alias_mismatch=args.allow_alias_mismatch, mesh=args.mesh)
-    except (CheckpointError, ValueError, OSError) as err:
-        if args.debug:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    if args.mesh:  # only a mesh puts arrays on devices; a plain conversion is host work
+        warn_if_cpu_only()
+    if args.export:
+        export(args.src, args.dst, overwrite=args.overwrite)
+    elif args.dry_run:
+        result = inspect(args.src, args.model, args.dtype)
+        print(f"dry run OK: {result.summary(args.dtype)}")
+    else:
+        convert(args.src, args.dst, args.model, args.dtype, overwrite=args.overwrite,
+                allow_alias_mismatch=args.allow_alias_mismatch, mesh=args.mesh)
     log.info("done in %.1f s", time.perf_counter() - start)
     return 0
 

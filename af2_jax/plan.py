@@ -11,8 +11,6 @@ Weights and caches are exact: each array's per-device shard, as the rules table 
 its dtype. Temporaries come from XLA's memory analysis of the two compiled generation programs (audio, text),
 compiled for abstract inputs. On a CPU host, XLA computes bfloat16 temporaries in float32, so that figure is an
 upper bound there; a host without enough devices for the mesh gets simulated CPU devices.
-
-Exit codes: 0 it fits (or no --hbm-gb given), 1 it does not fit or the mesh cannot work, 2 bad arguments.
 """
 
 from __future__ import annotations
@@ -22,11 +20,12 @@ import math
 import os
 import sys
 
+from af2_jax.cli import EXIT_CODES, EXIT_INPUT, prog, run_command, setup_logging, warn_if_cpu_only
 from af2_jax.config import PRESETS
 
 
 def _parser():
-    p = argparse.ArgumentParser(prog="python -m af2_jax.plan", description=__doc__,
+    p = argparse.ArgumentParser(prog=prog("plan"), description=__doc__, epilog=EXIT_CODES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="af2-3b", help=f"preset ({', '.join(sorted(PRESETS))}) or config.json")
     p.add_argument("--mesh", default="tensor=1", help="e.g. 'tensor=4', 'data=2,tensor=4'")
@@ -52,24 +51,26 @@ def _devices_needed(spec: str) -> int:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        needed = _devices_needed(args.mesh)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    setup_logging()
+    return run_command(lambda: _run(args), (ValueError, OSError))
+
+
+def _run(args) -> int:
+    needed = _devices_needed(args.mesh)
     if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-        # Planning needs devices only to lay out the mesh: on a CPU host, simulate as many as the mesh has (this
-        # must happen before JAX starts its backend, which nothing here has done yet).
+        # Planning needs devices only to lay out the mesh: on a CPU host, simulate as many as the mesh has. This
+        # must happen before JAX starts its backend; when `main` is called from a Python process where JAX already
+        # runs, its devices are used as they are.
         import jax
 
-        jax.config.update("jax_num_cpu_devices", needed)
-    try:
-        report = plan_training(args) if args.train else plan(args)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        try:
+            jax.config.update("jax_num_cpu_devices", needed)
+        except RuntimeError:
+            pass
+    warn_if_cpu_only()
+    report = plan_training(args) if args.train else plan(args)
     print(report["table"])
-    return 0 if report["fits"] in (None, True) else 1
+    return 0 if report["fits"] in (None, True) else EXIT_INPUT
 
 
 def _model_and_mesh(args):

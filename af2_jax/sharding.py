@@ -20,7 +20,6 @@ import math
 from typing import Mapping
 
 import jax
-import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from af2_jax.config import AF2Config
@@ -76,15 +75,17 @@ def parse_mesh_spec(spec: str) -> dict[str, int]:
 
 
 def make_mesh(spec: str | Mapping[str, int], devices=None) -> Mesh:
-    """A `Mesh` with axes ("data", "fsdp", "tensor") and Auto axis types from a spec like "data=2,tensor=4"."""
+    """A `Mesh` with axes ("data", "fsdp", "tensor") and Auto axis types from a spec like "data=2,tensor=4".
+    `jax.make_mesh` lays the devices out: on TPUs it follows the chips' physical topology, so the innermost axis
+    (tensor) gets the fastest links."""
     sizes = parse_mesh_spec(spec) if isinstance(spec, str) else {a: int(spec.get(a, 1)) for a in MESH_AXES}
     devices = jax.devices() if devices is None else devices
     total = math.prod(sizes.values())
     if total != len(devices):
         raise MeshError(f"mesh {format_mesh(sizes)} needs {total} devices but {len(devices)} are available; "
                         f"try {suggest_mesh(len(devices))}")
-    grid = np.asarray(devices).reshape([sizes[a] for a in MESH_AXES])
-    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)
 
 
 def format_mesh(sizes: Mapping[str, int]) -> str:

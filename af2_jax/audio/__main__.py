@@ -11,16 +11,17 @@ import argparse
 import logging
 import sys
 import time
-import warnings
 
 from af2_jax.audio.io import AudioError
+from af2_jax.checkpoint.reader import CheckpointError
+from af2_jax.cli import EXIT_CODES, prog, run_command, setup_logging, warn_if_cpu_only
 from af2_jax.config import MAX_WINDOWS_LIMIT, PRESETS, AF2Config, preset
 
 log = logging.getLogger("af2_jax.audio")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m af2_jax.audio", description=__doc__,
+    p = argparse.ArgumentParser(prog=prog("audio"), description=__doc__, epilog=EXIT_CODES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("files", nargs="+", help="audio files (wav, flac, ogg, opus, mp3, ...)")
     p.add_argument("--model", default="af2-3b",
@@ -40,18 +41,12 @@ def _config(model: str) -> AF2Config:
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)  # "no TPU here" is not news
-    warnings.simplefilter("always")
-    logging.captureWarnings(True)
-    try:
-        return _run(args)
-    except (AudioError, ValueError, OSError) as err:
-        if args.debug:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not 1 <= args.max_windows <= MAX_WINDOWS_LIMIT:
+        parser.error(f"--max-windows {args.max_windows} is outside 1..{MAX_WINDOWS_LIMIT}")
+    setup_logging()
+    return run_command(lambda: _run(args), (AudioError, CheckpointError, ValueError, OSError), debug=args.debug)
 
 
 def _run(args) -> int:
@@ -63,8 +58,7 @@ def _run(args) -> int:
     from af2_jax.checkpoint import load_htsat
     from af2_jax.nn.htsat import HTSAT, encode_windows
 
-    if not 1 <= args.max_windows <= MAX_WINDOWS_LIMIT:
-        raise ValueError(f"--max-windows {args.max_windows} is outside 1..{MAX_WINDOWS_LIMIT}")
+    warn_if_cpu_only()
     config = _config(args.model)
 
     clips = []

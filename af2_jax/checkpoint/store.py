@@ -59,8 +59,13 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# Tells transformers what the folder holds: without a model type, reading `tokenizer/` through AutoTokenizer looks
+# for one here and warns about a Mistral tokenizer regex that does not concern this model.
+MODEL_TYPE = "audio_flamingo_2_jax"
+
+
 def write_config(folder: Path, config: AF2Config, meta: dict) -> None:
-    data = {META_KEY: {"format": FORMAT, **meta}, **config.to_dict()}
+    data = {"model_type": MODEL_TYPE, META_KEY: {"format": FORMAT, **meta}, **config.to_dict()}
     (folder / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
@@ -72,6 +77,7 @@ def read_config(folder: Path) -> tuple[AF2Config, dict]:
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: not a JSON object; {_RECONVERT}")
     meta = data.pop(META_KEY, None)
+    data.pop("model_type", None)  # for transformers only; checkpoints written before it existed lack it
     if meta is None:
         raise CheckpointError(f"{path}: not an af2-jax checkpoint config (no '{META_KEY}' section); convert the "
                               "original weights with `python -m af2_jax.convert`")
