@@ -26,7 +26,7 @@ if [ "$SETUP" = 1 ]; then
   git -C "$(dirname "$0")/.." archive --format=tar.gz -o "$archive" HEAD
   gcloud compute tpus tpu-vm scp "$archive" "$TPU_NAME":af2-jax.tar.gz --zone "$ZONE" --worker=all
   ssh_all "mkdir -p af2-jax && tar -xzf af2-jax.tar.gz -C af2-jax && cd af2-jax && python3 -m venv .venv \
-    && .venv/bin/pip install -q -c constraints.txt -e . 'jax[tpu]==0.10.2'"
+    && .venv/bin/pip install -q -c constraints.txt -e '.[tpu]'"
 fi
 run="cd af2-jax && .venv/bin/python -m af2_jax.train --config $CONFIG $OVERRIDES 2>&1 | tee -a train-\$(hostname).log"
 ssh_all "$run"
