@@ -1,7 +1,7 @@
 """Peak memory of `convert`: a sparse fake of a release (real headers, data as file holes, so it costs no disk)
 converted to bfloat16.
 
-    python bench/convert_memory.py [--size af2-0.5b] [--fixtures ../shared/fixtures]
+    python bench/convert_memory.py [--size af2-0.5b] [--fixtures tests/fixtures]
 
 The conversion runs in a child process whose peak resident set size (ru_maxrss) is reported next to the size of
 the bfloat16 output, the floor for a converter that holds the output tree before writing it.
@@ -30,7 +30,9 @@ from fake_release import constant_buffers, full_state_dict, write_sparse_release
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="af2-0.5b", choices=["af2-0.5b", "af2-1.5b", "af2-3b"])
-    p.add_argument("--fixtures", default=os.environ.get("AF2_FIXTURES", REPO.parent / "shared" / "fixtures"))
+    p.add_argument("--fixtures", default=os.environ.get("AF2_FIXTURES", REPO / "tests" / "fixtures"),
+                   help="folder with the af2_*_shapes.json release shape maps (default: $AF2_FIXTURES if set, else "
+                        "the repository's tests/fixtures)")
     args = p.parse_args()
     shape_map = json.loads((Path(args.fixtures) / f"af2_{args.size[4:]}_shapes.json").read_text())
     with tempfile.TemporaryDirectory(dir=REPO) as tmp:

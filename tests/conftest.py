@@ -1,11 +1,13 @@
-"""Shared test setup: float32 parity mode, the golden fixtures, and real audio made on this machine.
+"""Shared test setup: a throwaway AF2_JAX_HOME, float32 parity mode, the golden fixtures, and real audio made on this
+machine.
 
-Fixtures are found through AF2_FIXTURES (default ../shared/fixtures next to the repository). A missing folder fails
-the run; it is never a skip. Every folder in it with a config.json is a fixture, so parity tests cover new ones.
+Fixtures are found through AF2_FIXTURES (default: the repository's tests/fixtures). A missing folder fails the run;
+it is never a skip. Every folder in it with a config.json is a fixture, so parity tests cover new ones.
 """
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import json
 import os
@@ -14,28 +16,60 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import jax
-import numpy as np
-import pytest
-import soundfile
+REPO = Path(__file__).resolve().parents[1]
+# What the CLIs keep between runs (converted releases, compiled programs) goes to a folder of this session, never the
+# user's ~/.cache, whatever the environment says. Set before JAX is imported, because JAX reads
+# JAX_COMPILATION_CACHE_DIR once at import; subprocesses started by tests inherit both.
+SESSION_ROOT = Path(tempfile.mkdtemp(prefix="af2_jax_tests_"))
+atexit.register(shutil.rmtree, SESSION_ROOT, ignore_errors=True)
+os.environ["AF2_JAX_HOME"] = str(SESSION_ROOT / "home")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = str(SESSION_ROOT / "home" / "xla")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import soundfile  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 jax.config.update("jax_enable_x64", False)
 
-REPO = Path(__file__).resolve().parents[1]
-# The CLIs keep converted releases and compiled programs under AF2_JAX_HOME: never the user's real one in tests.
-os.environ["AF2_JAX_HOME"] = tempfile.mkdtemp(prefix="af2_jax_home_")
-FIXTURES = Path(os.environ.get("AF2_FIXTURES", REPO.parent / "shared" / "fixtures")).resolve()
+IN_REPO_FIXTURES = REPO / "tests" / "fixtures"
+FIXTURES = Path(os.environ.get("AF2_FIXTURES", IN_REPO_FIXTURES)).resolve()
 
 if not FIXTURES.is_dir():
-    raise pytest.UsageError(f"AF2_FIXTURES={FIXTURES} is not a folder: the golden fixtures are required "
-                            "(set AF2_FIXTURES to ../shared/fixtures of the steering repository)")
+    if "AF2_FIXTURES" in os.environ:
+        raise pytest.UsageError(f"AF2_FIXTURES={FIXTURES} is not a folder: point it at a folder of golden fixtures, "
+                                f"or unset it to use {IN_REPO_FIXTURES}")
+    raise pytest.UsageError(f"the golden fixtures folder {FIXTURES} is missing: restore it with "
+                            "git checkout -- tests/fixtures, or set AF2_FIXTURES to a folder of golden fixtures")
 FIXTURE_DIRS = sorted(p for p in FIXTURES.iterdir() if (p / "config.json").is_file())
 if not FIXTURE_DIRS:
-    raise pytest.UsageError(f"AF2_FIXTURES={FIXTURES} holds no fixture folder with a config.json")
+    raise pytest.UsageError(f"AF2_FIXTURES={FIXTURES} holds no fixture folder with a config.json: point it at a "
+                            f"folder of golden fixtures, or unset it to use {IN_REPO_FIXTURES}")
 SHAPE_MAPS = sorted(FIXTURES.glob("af2_*_shapes.json"))
 if not SHAPE_MAPS:  # an empty parametrisation would skip every shape-map test without a word
-    raise pytest.UsageError(f"AF2_FIXTURES={FIXTURES} holds no af2_*_shapes.json release shape map")
+    raise pytest.UsageError(f"AF2_FIXTURES={FIXTURES} holds no af2_*_shapes.json release shape map: copy them from "
+                            f"{IN_REPO_FIXTURES}, or unset AF2_FIXTURES to use that folder")
+
+
+def write_released_layout(weights: Path, metadata: Path, aliases: dict[str, str], dst: Path) -> Path:
+    """Writes `dst/safe_ckpt/`: `metadata` and one chunk for each of its entries, holding the tensors it names, taken
+    from the single file `weights`. A name missing from `weights` is a second name of a tensor (`aliases`: alias ->
+    the name kept in `weights`) and gets its twin's bytes, as in the released checkpoints."""
+    import safetensors.numpy
+
+    tensors = safetensors.numpy.load_file(str(weights))
+    safe = dst / "safe_ckpt"
+    safe.mkdir(parents=True)
+    for chunk, names in json.loads(metadata.read_text()).items():
+        missing = [n for n in names if n not in tensors and aliases.get(n) not in tensors]
+        if missing:
+            raise ValueError(f"{metadata}: {len(missing)} tensors of {chunk} (first {missing[0]}) are neither in "
+                             f"{weights} nor aliases in config.json checkpoint_keys.aliases_dropped_from_file")
+        safetensors.numpy.save_file({n: tensors[n] if n in tensors else tensors[aliases[n]] for n in names},
+                                    str(safe / f"{chunk}.safetensors"))
+    shutil.copyfile(metadata, safe / "metadata.json")
+    return dst
 
 
 class Fixture:
@@ -45,7 +79,7 @@ class Fixture:
         self.path = path
         self.name = path.name
         self.raw_config = json.loads((path / "config.json").read_text())
-        self._inputs = self._outputs = self._reference = None
+        self._inputs = self._outputs = self._reference = self._release = None
 
     @property
     def config(self):
@@ -68,6 +102,26 @@ class Fixture:
     @property
     def weights(self) -> Path:
         return self.path / "model.safetensors"
+
+    @property
+    def release(self) -> Path:
+        """These weights in the released repository's layout (`safe_ckpt/metadata.json` + chunks, aliases included).
+        A fixture set that ships the chunks in `hf_repo/safe_ckpt/` is used as it is; the in-repo one keeps only
+        metadata.json (one copy of the weights in git), so the chunks are written from model.safetensors into this
+        session's folder on first use."""
+        if self._release is None:
+            shipped = self.path / "hf_repo"
+            metadata = shipped / "safe_ckpt" / "metadata.json"
+            if not metadata.is_file():
+                raise FileNotFoundError(f"{metadata} is missing: every fixture needs hf_repo/safe_ckpt/metadata.json "
+                                        "(tests/fixtures/README.md)")
+            if any(metadata.parent.glob("*.safetensors")):
+                self._release = shipped
+            else:
+                aliases = self.raw_config["checkpoint_keys"]["aliases_dropped_from_file"]
+                self._release = write_released_layout(self.weights, metadata, aliases,
+                                                      SESSION_ROOT / "releases" / self.name)
+        return self._release
 
     @property
     def reference(self):

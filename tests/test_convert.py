@@ -3,7 +3,10 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -12,7 +15,7 @@ import af2_jax
 from af2_jax.checkpoint import CheckpointError, SafetensorsCheckpoint
 from af2_jax.checkpoint.convert import convert, export, inspect
 from af2_jax.convert import main as convert_cli
-from conftest import FIXTURES, REPO
+from conftest import FIXTURES, REPO, SESSION_ROOT
 from fake_release import full_state_dict, write_sparse_release
 
 SIZES = {"af2-3b": "af2_3b_shapes.json", "af2-1.5b": "af2_1.5b_shapes.json", "af2-0.5b": "af2_0.5b_shapes.json"}
@@ -95,7 +98,7 @@ def test_dry_run_names_the_broken_tensor(tmp_path, capsys, edit, message):
 
 def test_round_trip_export_is_bit_exact(golden, tmp_path):
     """Released layout -> float32 af2-jax checkpoint -> released layout gives back every tensor bit for bit."""
-    source = golden.path / "hf_repo"
+    source = golden.release
     config = golden.path / "config.json"
     assert convert_cli([str(source), str(tmp_path / "jax"), "--model", str(config), "--dtype", "float32"]) == 0
     assert convert_cli([str(tmp_path / "jax"), str(tmp_path / "export"), "--export"]) == 0
@@ -113,7 +116,7 @@ def test_round_trip_export_of_bfloat16_rounds_only_the_parameters(golden, tmp_pa
     for bit (constant buffers, tensors kept aside) or as the bfloat16 rounding of the original, as float32."""
     import ml_dtypes
 
-    source = golden.path / "hf_repo"
+    source = golden.release
     assert convert_cli([str(source), str(tmp_path / "jax"), "--model", str(golden.path / "config.json")]) == 0
     assert convert_cli([str(tmp_path / "jax"), str(tmp_path / "export"), "--export"]) == 0
     original, exported = SafetensorsCheckpoint(source), SafetensorsCheckpoint(tmp_path / "export")
@@ -161,11 +164,11 @@ def _bad_sources(tmp_path, golden):
     empty = tmp_path / "empty"
     empty.mkdir()
     truncated = tmp_path / "truncated" / "safe_ckpt"
-    shutil.copytree(golden.path / "hf_repo" / "safe_ckpt", truncated)
+    shutil.copytree(golden.release / "safe_ckpt", truncated)
     chunk = truncated / "model_chunk_1.safetensors"
     chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])
     missing_chunk = tmp_path / "missing_chunk" / "safe_ckpt"
-    shutil.copytree(golden.path / "hf_repo" / "safe_ckpt", missing_chunk)
+    shutil.copytree(golden.release / "safe_ckpt", missing_chunk)
     (missing_chunk / "model_chunk_0.safetensors").unlink()
     return {
         "nonexistent": (tmp_path / "nope", "no such file or folder"),
@@ -223,6 +226,23 @@ def test_load_rejects_what_convert_did_not_write(golden, tmp_path):
         af2_jax.load(tmp_path / "nope")
     with pytest.raises(CheckpointError, match="not an af2-jax checkpoint config"):
         af2_jax.load(golden.path)
+
+
+def test_the_suite_writes_nothing_under_the_users_cache():
+    """conftest points AF2_JAX_HOME and the JAX compilation cache into this session's temporary folder, for this
+    process and for every command a test starts, so converted releases and compiled programs never land in
+    ~/.cache."""
+    from af2_jax.infer import cache_dir
+
+    script = "import jax, af2_jax.infer as infer; print(infer.cache_dir()); print(jax.config.jax_compilation_cache_dir)"
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                           env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert child.returncode == 0, child.stderr
+    here = [cache_dir(), Path(jax.config.jax_compilation_cache_dir)]
+    assert [Path(line) for line in child.stdout.splitlines()] == here
+    assert SESSION_ROOT.is_relative_to(tempfile.gettempdir())
+    for path in here:
+        assert path.is_relative_to(SESSION_ROOT) and not path.is_relative_to(Path.home() / ".cache"), path
 
 
 def test_cli_subprocess_converts_and_helps(golden, tmp_path):

@@ -1,4 +1,3 @@
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -114,7 +113,7 @@ def converted(tmp_path_factory):
     def get(golden, layout):
         key = (golden.name, layout)
         if key not in out:
-            src = golden.weights if layout == "plain" else golden.path / "hf_repo"
+            src = golden.weights if layout == "plain" else golden.release
             dst = tmp_path_factory.mktemp(golden.name) / layout
             assert convert_cli([str(src), str(dst), "--model", str(golden.path / "config.json"),
                                 "--dtype", "float32"]) == 0

@@ -1,6 +1,8 @@
 """The PyTorch reference (tests/reference) against the golden fixtures, and JAX against the reference at the real
 af2-3b widths, where no fixture exists."""
 
+import hashlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +20,15 @@ torch.set_num_threads(2)
 T = torch.from_numpy
 def _masked(array, attention_mask):
     return np.asarray(array)[..., np.asarray(attention_mask) == 1, :]
+
+
+def test_fixture_files_are_the_ones_the_original_wrote(golden):
+    """config.json records the sha256 of the files the original code wrote; a copy that differs (a Git LFS pointer,
+    a partial download, an edited array) would make every parity test compare against something else."""
+    for name, digest in golden.raw_config["sha256"].items():
+        path = golden.path / name
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == digest, \
+            f"{path} is not the file its config.json names (sha256): restore the fixture folder as shipped"
 
 
 @torch.no_grad()
@@ -56,7 +67,7 @@ def test_reference_language_model_stages(golden):
 
 def test_reference_loads_the_released_layout(golden):
     ref = AF2Reference(golden.raw_config)
-    ref.load_original(dict(SafetensorsCheckpoint(golden.path / "hf_repo").items()))
+    ref.load_original(dict(SafetensorsCheckpoint(golden.release).items()))
     for (name, a), (_, b) in zip(ref.state_dict().items(), golden.reference.state_dict().items()):
         assert torch.equal(a, b), name
 
