@@ -20,8 +20,8 @@ from af2_jax.training.config import ConfigError, TrainConfig, _build, load_confi
 from af2_jax.training.data import LoadExample, TrainBatches, blend, validation_sets
 from af2_jax.training.labels import IGNORE
 from af2_jax.training.loop import Preempted, run, validation_loss
-from af2_jax.training.metrics import read_scalars
 from conftest import REPO, tiny_train_config, write_tone_dataset
+from test_metrics import read_events
 
 HERE = os.path.dirname(__file__)
 
@@ -142,7 +142,7 @@ def test_a_wrong_data_root_ends_the_run_at_once(tones, tmp_path):
     start = time.monotonic()
     result = _cli("--config", str(path), timeout=180)
     assert time.monotonic() - start < 180
-    assert result.returncode == 2, result.stderr
+    assert result.returncode == 1, result.stderr
     error = result.stderr.splitlines()[-1]  # after the log lines of reading the manifests, one line
     assert error.startswith("error: Tones-PitchQA/train: none of 8 sampled audio files can be read")
     assert "data.data_root is '/nonexistent'" in error and "Traceback" not in result.stderr
@@ -191,7 +191,8 @@ sys.exit(main(["--config", {str(path)!r}]))
 
 
 def test_six_steps_equal_three_a_kill_and_three_more(tones, tmp_path):
-    straight = run(_config(tones, tmp_path / "straight", run={"steps": 6, "save_every": 6}))
+    straight = run(_config(tones, tmp_path / "straight", run={"steps": 6, "save_every": 6, "eval_accuracy": True,
+                                                              "profile_steps": "1:2"}))
     run(_config(tones, tmp_path / "resumed", run={"steps": 3, "save_every": 3}))
     resumed = run(_config(tones, tmp_path / "resumed", run={"steps": 6, "save_every": 3}))
     assert straight["step"] == resumed["step"] == 6
@@ -203,10 +204,18 @@ def test_six_steps_equal_three_a_kill_and_three_more(tones, tmp_path):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # parameters, optimizer state, step
     assert left.data == right.data  # the data iterator stands at the same place
     assert straight["loss"] == resumed["loss"]
-    # metrics: TensorBoard events (CRC-checked) and JSON lines; the final model loads and answers
-    events = list((tmp_path / "straight" / "tensorboard").glob("events.out.tfevents.*"))
-    steps = [step for step, values in read_scalars(events[0]) if "loss" in values]
-    assert steps == [1, 2, 3, 4, 5, 6]
+    # TensorBoard: the scalars (the same for the resumed run), the config, sample answers, the profile
+    shown, shown_resumed = read_events(tmp_path / "straight" / "tensorboard"), read_events(tmp_path / "resumed" /
+                                                                                             "tensorboard")
+    assert [step for step, _ in shown["scalars"]["loss"]] == [1, 2, 3, 4, 5, 6]
+    assert shown_resumed["scalars"]["loss"] == shown["scalars"]["loss"]
+    assert [step for step, _ in shown["scalars"]["valid/Tones-PitchQA/test/exact_match"]] == [6]
+    assert shown["hparams"]["run.steps"] == 6 and shown["hparams"]["optim.trainable"] == "full"
+    [(step, answers)] = shown["texts"]["valid/Tones-PitchQA/test/answers"]
+    rows = answers.splitlines()[2:]
+    assert step == 6 and len(rows) == 5 and all(row.startswith("| Is the tone low or high? | ") for row in rows)
+    assert list((tmp_path / "straight" / "tensorboard" / "plugins" / "profile").glob("*/*.xplane.pb"))
+    # the final model loads and answers
     import af2_jax
 
     from flax import nnx
@@ -310,7 +319,7 @@ def test_bad_configs_fail_before_compiling_with_one_line(tones, tmp_path, overri
     if message is None:
         assert result.returncode == 0, result.stderr
         return
-    assert result.returncode == 2, result.stderr
+    assert result.returncode == 1, result.stderr
     error = result.stderr.splitlines()[-1]  # log lines may come first; the error is one line
     assert error.startswith("error: ") and message in error and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()  # nothing written
@@ -361,7 +370,7 @@ def test_batch_that_does_not_split_over_the_data_axes(tones, tmp_path):
                           capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, PYTHONPATH=str(REPO),
                                    XLA_FLAGS="--xla_force_host_platform_device_count=4"))
-    assert run_.returncode == 2
+    assert run_.returncode == 1
     assert run_.stderr.splitlines()[-1] == ("error: optim.batch_size 6 does not split over data x fsdp = 4 devices; "
                                             "use a multiple of 4 or change run.mesh")
 

@@ -9,12 +9,17 @@ read, so a bad value fails before anything is loaded or compiled, never at the e
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import json
 import math
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
+
+from af2_jax.config import PRESETS
 
 
 class ConfigError(ValueError):
@@ -57,12 +62,23 @@ class _Choices:
         return "use " + ", ".join(self.values)
 
 
-def _within(default, low=None, high=None, *, low_open=False, high_open=False):
-    return dataclasses.field(default=default, metadata={"allowed": _Range(low, high, low_open, high_open)})
+def _key(default, doc: str, *, allowed=None, default_factory=dataclasses.MISSING):
+    """A config key: its default and its one-line documentation (what `--print-config` shows; the only place a
+    key is described), and optionally its allowed values."""
+    metadata = {"doc": doc} if allowed is None else {"doc": doc, "allowed": allowed}
+    return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
 
 
-def _one_of(default, *values):
-    return dataclasses.field(default=default, metadata={"allowed": _Choices(values)})
+def _within(default, doc: str, low=None, high=None, *, low_open=False, high_open=False):
+    return _key(default, doc, allowed=_Range(low, high, low_open, high_open))
+
+
+def _one_of(default, doc: str, *values):
+    return _key(default, doc, allowed=_Choices(values))
+
+
+def _mapping(doc: str):
+    return _key(dataclasses.MISSING, doc, default_factory=dict)
 
 
 _DTYPES = ("bfloat16", "float32")
@@ -91,81 +107,91 @@ def _parse_yaml(text: str):
 
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
-    # A checkpoint folder written by `python -m af2_jax.convert` / a previous run's `final/`, or "random".
-    init: str = "random"
-    # For init "random": a preset name and nested `AF2Config` field overrides (e.g. {lm: {num_layers: 2}}).
-    preset: str = "af2-3b"
-    overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    # Activations and matmuls run in this dtype; parameters and optimizer state stay float32 (master weights).
-    compute_dtype: str = _one_of("bfloat16", *_DTYPES)
-    # Recompute each LM layer's activations in the backward pass (jax.checkpoint) to save memory.
-    remat: bool = False
-    # The tokenizer: a folder with tokenizer.json; empty = the checkpoint's tokenizer/, else Qwen2.5 rebuilt offline.
-    tokenizer: str = ""
+    """What to start from and how the model computes."""
+
+    init: str = _key("random", "a checkpoint folder (python -m af2_jax.convert, or a previous run's final/), or "
+                               "random")
+    preset: str = _key("af2-3b", f"with init random: the preset to build ({', '.join(PRESETS)})")
+    overrides: Mapping[str, Any] = _mapping("with init random: nested AF2Config field overrides, e.g. {lm: "
+                                            "{num_layers: 2}}")
+    compute_dtype: str = _one_of("bfloat16", "activations and matmuls; parameters and optimizer state stay "
+                                             "float32 (master weights)", *_DTYPES)
+    remat: bool = _key(False, "recompute each LM layer's activations in the backward pass (jax.checkpoint) to "
+                              "save memory")
+    tokenizer: str = _key("", "a folder with tokenizer.json; empty: the checkpoint's tokenizer/, else Qwen2.5 "
+                              "rebuilt offline")
 
 
 @dataclasses.dataclass(frozen=True)
 class DataSection:
-    """Names as the original's `data_config`."""
+    """The training and validation sets; names as the original's `data_config`."""
 
-    dataset_file_root: str = ""
-    data_root: str = ""
-    # {"Name-Task/split": {"weight": w}}: one pass holds int(total_num * w * global weight) items of each set.
-    dataset_blending_config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    dataset_blending_global_weight: float = _within(1.0, 0, low_open=True)
-    valid_dataset_config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    max_tokens: int = _within(512, 4)  # room for <audio>, <SEP>, EOC and EOS
-    max_num_window: int = _within(12, 1, 30)  # 30 windows = 5 minutes
-    num_workers: int = _within(0, 0)
-    # Validation reads at most this many items of each set (the original's `val` split reads 64).
-    valid_max_items: int = _within(64, 0)
+    dataset_file_root: str = _key("", "the folder holding the manifests, Name-Task/split.json")
+    data_root: str = _key("", "audio is read from data_root/split_path/name (split_path from the manifest)")
+    dataset_blending_config: Mapping[str, Any] = _mapping(
+        "the training sets, {Name-Task/split: {weight: w}}: one pass holds int(total_num * w * global weight) "
+        "items of each")
+    dataset_blending_global_weight: float = _within(1.0, "multiplies every set's weight", 0, low_open=True)
+    valid_dataset_config: Mapping[str, Any] = _mapping("the validation sets, {Name-Task/split: true}")
+    max_tokens: int = _within(512, "tokens per example, padded or cut (at least <audio>, <SEP>, EOC and EOS)", 4)
+    max_num_window: int = _within(12, "audio windows per example, padded or cut (AF2: 10 s each; 30 = 5 minutes)",
+                                  1, 30)
+    num_workers: int = _within(0, "host processes decoding audio (0: in the main process)", 0)
+    valid_max_items: int = _within(64, "validation reads at most this many items of each set (the original's "
+                                       "val split reads 64; 0: all)", 0)
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimSection:
-    # "pretrain" | "sft" | "full" | a regex over parameter paths (e.g. "xattn|embed_tokens").
-    trainable: str = "pretrain"
-    batch_size: int = _within(16, 1)  # global batch per optimizer micro-step (all devices, all processes)
-    grad_accum: int = _within(1, 1)
-    learning_rate: float = _within(1e-4, 0, low_open=True)
-    schedule: str = _one_of("constant", "constant", "cosine")  # "constant" | "cosine", both after a linear warmup from 0
-    warmup_steps: int = _within(0, 0)
-    end_learning_rate: float = _within(0.0, 0)  # cosine only
-    weight_decay: float = _within(0.1, 0)  # uniform on every trainable tensor, as the original (Q28)
-    b1: float = _within(0.9, 0, 1, high_open=True)
-    b2: float = _within(0.999, 0, 1, high_open=True)
-    eps: float = _within(1e-8, 0, low_open=True)
-    # "per_module" (the original: audio encoder, audio transformer, each cross-attention block, the embedding,
-    # each clipped to max_grad_norm), "global", or "none".
-    clip: str = _one_of("per_module", "per_module", "global", "none")
-    max_grad_norm: float = _within(1.0, 0, low_open=True)
-    # The original clips the accumulated gradient after every micro-step; False clips once per optimizer step.
-    clip_every_microstep: bool = True
-    # Train-mode attention-probability dropout of the audio transformer (the original's hard-coded 0.1, Q30).
-    attn_dropout: float = _within(0.0, 0, 1, high_open=True)
-    # Logits only at this many labelled positions per row (0 = every position); saves the vocabulary projection
-    # when answers are short. A row with more labelled tokens is an error.
-    loss_positions: int = _within(0, 0)
+    """What is trained and how: AdamW, the schedule, clipping, accumulation."""
+
+    trainable: str = _key("pretrain", "pretrain, sft, full, or a regex over parameter paths (e.g. "
+                                      "xattn|embed_tokens)")
+    batch_size: int = _within(16, "global batch per optimizer micro-step (all devices, all processes)", 1)
+    grad_accum: int = _within(1, "micro-steps per optimizer step", 1)
+    learning_rate: float = _within(1e-4, "peak learning rate, after the warmup", 0, low_open=True)
+    schedule: str = _one_of("constant", "the learning rate after a linear warmup from 0", "constant", "cosine")
+    warmup_steps: int = _within(0, "optimizer steps of linear warmup", 0)
+    end_learning_rate: float = _within(0.0, "cosine only: the learning rate at run.steps", 0)
+    weight_decay: float = _within(0.1, "AdamW decay, uniform on every trainable tensor as the original (Q28)", 0)
+    b1: float = _within(0.9, "AdamW beta1", 0, 1, high_open=True)
+    b2: float = _within(0.999, "AdamW beta2", 0, 1, high_open=True)
+    eps: float = _within(1e-8, "AdamW epsilon", 0, low_open=True)
+    clip: str = _one_of("per_module", "per_module: the original (audio encoder, audio transformer, each "
+                                      "cross-attention block, the embedding, each clipped to max_grad_norm)",
+                        "per_module", "global", "none")
+    max_grad_norm: float = _within(1.0, "the norm gradients are clipped to", 0, low_open=True)
+    clip_every_microstep: bool = _key(True, "clip the accumulated gradient after every micro-step, as the "
+                                            "original; false: once per optimizer step")
+    attn_dropout: float = _within(0.0, "train-mode attention-probability dropout of the audio transformer (the "
+                                       "original's hard-coded 0.1, Q30)", 0, 1, high_open=True)
+    loss_positions: int = _within(0, "logits only at this many labelled positions per row (0: every position); "
+                                     "a row with more is an error", 0)
 
 
 @dataclasses.dataclass(frozen=True)
 class RunSection:
-    out_dir: str = "runs/af2"
-    steps: int = _within(1000, 1)  # optimizer steps
-    seed: int = 42
-    mesh: str = ""  # e.g. "fsdp=8,tensor=2"; empty = every device on fsdp
-    save_every: int = _within(500, 1)
-    keep: int = _within(3, 1)  # checkpoints kept; 0 would leave nothing to resume from
-    log_every: int = _within(10, 1)
-    eval_every: int = _within(0, 0)  # validation loss every N steps (0 = only at the end)
-    # After training: greedy exact-match accuracy on the validation sets (per task), written to metrics.
-    eval_accuracy: bool = False
-    eval_max_new_tokens: int = _within(16, 1)
-    save_final: bool = True  # write out_dir/final as a loadable af2-jax checkpoint
-    final_dtype: str = _one_of("bfloat16", *_DTYPES)
-    profile_steps: str = ""  # "START:STOP": a jax.profiler trace of those steps into out_dir/profile
-    # Peak FLOP/s of one device for the MFU figure (0 = a known value for the device kind, else no MFU).
-    peak_flops: float = _within(0.0, 0)
+    """Where the run writes, how long it runs, what it logs, checks and keeps."""
+
+    out_dir: str = _key("runs/af2", "checkpoints/, tensorboard/, final/; rerunning the command resumes from here")
+    steps: int = _within(1000, "optimizer steps", 1)
+    seed: int = _key(42, "parameter init (random), data order and dropout")
+    mesh: str = _key("", "e.g. fsdp=8,tensor=2 (axes data, fsdp, tensor); empty: every device on fsdp")
+    save_every: int = _within(500, "checkpoint every N steps (and at the end, and on SIGTERM)", 1)
+    keep: int = _within(3, "checkpoints kept", 1)
+    log_every: int = _within(10, "metrics (TensorBoard, metrics.jsonl, the console) every N steps", 1)
+    eval_every: int = _within(0, "validation loss every N steps (0: only at the end)", 0)
+    eval_accuracy: bool = _key(False, "after training: greedy exact match per validation set, and sample answers "
+                                      "in TensorBoard (single-process runs)")
+    eval_max_new_tokens: int = _within(16, "the longest answer exact match generates", 1)
+    save_final: bool = _key(True, "write out_dir/final, a loadable af2-jax checkpoint")
+    final_dtype: str = _one_of("bfloat16", "storage dtype of out_dir/final", *_DTYPES)
+    profile_steps: str = _key("", "START:STOP: a jax.profiler trace of those steps into out_dir/tensorboard "
+                                  "(TensorBoard's PROFILE tab)")
+    wandb_project: str = _key("", "also log to this Weights & Biases project (pip install -e '.[wandb]'; entity "
+                                  "from WANDB_ENTITY, offline with WANDB_MODE=offline); empty: off")
+    peak_flops: float = _within(0.0, "peak FLOP/s of one device, for MFU (0: the known bfloat16 peak of the device "
+                                     "kind where there is one, else no MFU)", 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,6 +203,43 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def keys(config: TrainConfig) -> Iterator[tuple[str, dataclasses.Field, Any]]:
+    """Every key of `config` in declaration order: (`section.key`, its field, its value)."""
+    for section in dataclasses.fields(config):
+        values = getattr(config, section.name)
+        for field in dataclasses.fields(values):
+            yield f"{section.name}.{field.name}", field, getattr(values, field.name)
+
+
+def show_value(value) -> str:
+    """A value written so that a `section.key=value` override reads it back (YAML; JSON for mappings)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value if value and _parse_yaml(value) == value else json.dumps(value)
+    if isinstance(value, (Mapping, list, tuple)):
+        return json.dumps(value)
+    return repr(value)
+
+
+def describe(config: TrainConfig = TrainConfig()) -> str:
+    """Every key, one line each, grouped by section: `section.key=value  # what it is [allowed values]`, with
+    `config`'s values (the defaults unless given)."""
+    lines = []
+    for section in dataclasses.fields(config):
+        if lines:
+            lines.append("")
+        lines.append(f"{section.name}: {type(getattr(config, section.name)).__doc__}")
+        entries = [(f"{key}={show_value(value)}", field) for key, field, value in keys(config)
+                   if key.startswith(f"{section.name}.")]
+        width = min(max(len(setting) for setting, _ in entries), 48)
+        for setting, field in entries:
+            allowed = field.metadata.get("allowed")
+            note = f" [{allowed.describe()}]" if allowed is not None else ""
+            lines.append(f"  {setting:<{width}}  # {field.metadata.get('doc', '')}{note}")
+    return "\n".join(lines)
 
 
 def _build(cls, data: Mapping[str, Any], where: str):
@@ -243,13 +306,10 @@ def load_config(path=None, overrides: list[str] = ()) -> TrainConfig:
 
 def check(config: TrainConfig) -> None:
     """Value checks that need no devices or files: every declared set or range, then the rules across keys."""
-    for section in dataclasses.fields(config):
-        values = getattr(config, section.name)
-        for field in dataclasses.fields(values):
-            allowed = field.metadata.get("allowed")
-            value = getattr(values, field.name)
-            if allowed is not None and not allowed.allows(value):
-                raise ConfigError(f"{section.name}.{field.name} {value!r}: {allowed.describe()}")
+    for key, field, value in keys(config):
+        allowed = field.metadata.get("allowed")
+        if allowed is not None and not allowed.allows(value):
+            raise ConfigError(f"{key} {value!r}: {allowed.describe()}")
     d, r = config.data, config.run
     if not d.dataset_blending_config:
         raise ConfigError("data.dataset_blending_config is empty; list the training sets as {Name-Task/split: "
@@ -264,6 +324,9 @@ def check(config: TrainConfig) -> None:
     if not d.dataset_file_root:
         raise ConfigError("data.dataset_file_root is not set; point it at the folder holding Name-Task/split.json")
     profile_range(r.profile_steps)
+    if r.wandb_project and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(f"run.wandb_project is {r.wandb_project!r} but wandb is not installed; pip install -e "
+                          "'.[wandb]', or leave run.wandb_project empty")
 
 
 def blend_weight(spec: Mapping | None) -> float:

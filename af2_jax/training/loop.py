@@ -29,7 +29,7 @@ from af2_jax.sharding import (MeshError, activation_sharding, batch_sharding, fo
 from af2_jax.training.config import ConfigError, TrainConfig, profile_range
 from af2_jax.training.data import (LoadExample, TrainBatches, blend, check_audio, eval_batches,
                                    validation_sets)
-from af2_jax.training.metrics import MetricsWriter
+from af2_jax.training.metrics import SAMPLE_ANSWERS, MetricsWriter, Progress
 from af2_jax.training.step import (TrainState, make_eval_step, make_train_step, optimizer, schedule, split_model)
 
 log = logging.getLogger(__name__)
@@ -194,19 +194,20 @@ def run(config: TrainConfig) -> dict:
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
-    writer = MetricsWriter(out_dir / "tensorboard", enabled=main)
+    writer = MetricsWriter(out_dir, enabled=main, resumed_at=start, wandb_project=config.run.wandb_project)
     preemption = _Preemption()
     peak = config.run.peak_flops or PEAK_FLOPS.get(_device_family(), 0.0)
     compiled, flops = None, None
     profile = profile_range(config.run.profile_steps)
     step = int(state.step)
-    progress = _progress(main, total, step)
+    progress = Progress(main, total, step)
     last_metrics: dict = {}
     try:
+        writer.run_config(step, config)
         window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
         while step < total:
             if profile and step == profile[0]:
-                jax.profiler.start_trace(str(out_dir / "profile"))
+                jax.profiler.start_trace(str(writer.logdir))  # where TensorBoard finds it, beside the metrics
             try:
                 with preemption.interruptible():
                     host_batch = next(batches)
@@ -246,32 +247,37 @@ def run(config: TrainConfig) -> dict:
                 with activation_sharding(mesh, model_config):
                     values = validation_loss(eval_fn, state, frozen, valid, load, optim.batch_size, mesh)
                 writer.scalars(step, values)
+                _log_evaluation(step, values)
             if preemption.requested:
                 manager.wait_until_finished()
                 log.warning("stopped at step %d after SIGTERM; rerun the same command to resume", step)
                 return {"step": step, "preempted": True, **last_metrics}
         manager.wait_until_finished()
-        progress.close()
         final = {"step": step, **last_metrics}
         if valid:
             with activation_sharding(mesh, model_config):
                 values = validation_loss(eval_fn, state, frozen, valid, load, optim.batch_size, mesh)
             final.update(values)
             writer.scalars(step, values)
+            _log_evaluation(step, values)
         if config.run.eval_accuracy and valid:
             if jax.process_count() > 1:
                 log.warning("run.eval_accuracy runs in single-process runs only; evaluate out_dir/final with "
                             "python -m af2_jax.infer --manifest instead")
             else:
-                accuracy = exact_match(nnx.merge(graphdef, state.params, frozen), tokenizer, valid, config)
+                accuracy, samples = exact_match(nnx.merge(graphdef, state.params, frozen), tokenizer, valid, config)
                 final.update(accuracy)
                 writer.scalars(step, accuracy)
+                _log_evaluation(step, accuracy)
+                for name, rows in samples.items():
+                    writer.answers(step, name, rows)
         if config.run.save_final:
             save_final(nnx.merge(graphdef, state.params, frozen), out_dir / "final", tokenizer, config, step)
         if main:
             (out_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
         return final
     finally:
+        progress.close()
         preemption.restore()
         batches.close()
         writer.close()
@@ -326,15 +332,16 @@ def normalise_answer(text: str) -> str:
     return " ".join(str(text).lower().strip().split())
 
 
-def exact_match(model, tokenizer, valid: dict, config: TrainConfig) -> dict:
-    """Greedy answers to every readable validation item; exact match after lower-casing and whitespace folding,
-    per set."""
+def exact_match(model, tokenizer, valid: dict, config: TrainConfig) -> tuple[dict, dict]:
+    """Greedy answers to every readable validation item: exact match after lower-casing and whitespace folding, per
+    set (`valid/<set>/exact_match`), and each set's first `SAMPLE_ANSWERS` (prompt, reference, answer) rows."""
     from af2_jax.audio.io import AudioError
     from af2_jax.pipeline import answer_items, prepare
 
-    out = {}
+    out, samples = {}, {}
     for name, items in valid.items():
         correct = readable = 0
+        samples[name] = []
         for start in range(0, len(items), config.optim.batch_size):
             chunk = []  # (item, prepared) for the chunk's readable items; windows of one chunk in memory at a time
             for it in items[start: start + config.optim.batch_size]:
@@ -349,12 +356,18 @@ def exact_match(model, tokenizer, valid: dict, config: TrainConfig) -> dict:
                 correct += sum(normalise_answer(a) == normalise_answer(it.output)
                                for a, (it, _) in zip(answers, chunk))
                 readable += len(chunk)
+                samples[name] += [(it.prompt, it.output, a) for a, (it, _) in zip(answers, chunk)][
+                    :SAMPLE_ANSWERS - len(samples[name])]
         if readable:
             out[f"valid/{name}/exact_match"] = correct / readable
         else:
             log.warning("validation set %s: none of its %d items could be read; its exact match is left out", name,
                         len(items))
-    return out
+    return out, samples
+
+
+def _log_evaluation(step: int, values: dict) -> None:
+    log.info("step %d: %s", step, ", ".join(f"{tag} {value:.4f}" for tag, value in values.items()))
 
 
 def _device_family() -> str:
@@ -369,18 +382,3 @@ def _flops(compiled) -> float | None:
         return float(cost.get("flops", 0.0)) or None
     except Exception:  # cost analysis is best effort: some backends do not provide it
         return None
-
-
-class _progress:
-    def __init__(self, enabled: bool, total: int, initial: int):
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
-
-    def update(self, step: int, metrics: dict) -> None:
-        self.bar.update(step - self.bar.n)
-        self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['learning_rate']:.2e}",
-                             tok_s=f"{metrics['tokens_per_s']:.0f}")
-
-    def close(self) -> None:
-        self.bar.close()
