@@ -54,15 +54,26 @@ class _JaxStartupNoise(logging.Filter):
         return "may be present on this machine" not in record.getMessage()
 
 
+class _LevelPrefix(logging.Formatter):
+    """Marks warnings and errors (`warning: ...`) when the format does not show the level itself. Python warnings
+    arrive already marked by `_one_line_warning`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if record.levelno >= logging.WARNING and record.name != "py.warnings" and "levelname" not in self._fmt:
+            return f"{record.levelname.lower()}: {text}"
+        return text
+
+
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
-    return f"warning: {message}\n"
+    return f"warning: {message}"  # logged through captureWarnings, which ends the line
 
 
 def setup_logging(fmt: str = "%(message)s", level: int = logging.INFO) -> None:
     """Logs to stderr through tqdm; Python warnings become one `warning: ...` line without source paths; JAX's
     backend-probing noise is dropped (only that: its other warnings stay); absl (Orbax) speaks from WARNING up."""
     handler = _TqdmSafeHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(fmt))
+    handler.setFormatter(_LevelPrefix(fmt))
     logging.basicConfig(level=level, handlers=[handler], force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)
     bridge = logging.getLogger("jax._src.xla_bridge")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 import time
 from typing import NamedTuple
@@ -24,6 +25,8 @@ import numpy as np
 from flax import nnx
 
 from af2_jax.sharding import activation_sharding
+
+log = logging.getLogger(__name__)
 
 # At most a quarter of a bucket is padding: every padded window costs a full HTSAT pass and its share of the
 # cross-attention K/V read at every decoding step.
@@ -193,10 +196,15 @@ def generate(model, input_ids, attention_mask, audio_x, audio_x_mask, max_new_to
         ids, mask, audio, audio_mask = (jax.device_put(a, batch_sharding(mesh, a.shape[0], a.ndim))
                                         for a in (ids, mask, audio, audio_mask))
     graphdef, state = nnx.split(model)
+    # Compiling takes long enough to look like a hang (minutes on the release), so it is announced, once per call.
+    announce = functools.cache(lambda: log.info(
+        "compiling for %d row(s) x %d window(s), prompt %d + %d new tokens (%s)", ids.shape[0], audio.shape[1],
+        ids.shape[1], max_new_tokens, _cache_note()))
     timings = {"compile_s": 0.0}
     start = time.perf_counter()
     with activation_sharding(mesh, model.config):
-        encode, timings["compile_s"] = _compiled(_encode, (state, audio, audio_mask), {"graphdef": graphdef})
+        encode, timings["compile_s"] = _compiled(_encode, (state, audio, audio_mask), {"graphdef": graphdef},
+                                                 announce)
     media_kv, media_mask = jax.block_until_ready(encode(state, audio, audio_mask))
     timings["encode_s"] = time.perf_counter() - start - timings["compile_s"]
     args = (state, media_kv, media_mask, ids, mask, key if key is not None else jax.random.key(0))
@@ -204,7 +212,7 @@ def generate(model, input_ids, attention_mask, audio_x, audio_x_mask, max_new_to
                "pad": pad, "stream": on_token is not None}
     start = time.perf_counter()
     with activation_sharding(mesh, model.config):
-        decode, compile_s = _compiled(_decode, args, statics)
+        decode, compile_s = _compiled(_decode, args, statics, announce)
     _STREAM_LISTENER[0] = on_token
     try:
         tokens, lengths = jax.block_until_ready(decode(*args))
@@ -224,17 +232,28 @@ def generate(model, input_ids, attention_mask, audio_x, audio_x_mask, max_new_to
 _PROGRAMS: dict = {}
 
 
-def _compiled(fn, args, statics):
+def _compiled(fn, args, statics, announce):
+    """The compiled program and the seconds it took (0 when this process had it); `announce()` runs before a
+    program is compiled."""
     leaves, tree = jax.tree.flatten(args)
     signature = (fn.__name__, tuple(sorted(statics.items(), key=lambda kv: kv[0])), tree,
                  tuple((leaf.shape, leaf.dtype, getattr(leaf, "sharding", None)) for leaf in leaves))
     program = _PROGRAMS.get(signature)
     if program is not None:
         return program, 0.0
+    announce()
     start = time.perf_counter()
     program = jax.jit(functools.partial(fn, **statics)).lower(*args).compile()
     _PROGRAMS[signature] = program
     return program, time.perf_counter() - start
+
+
+def _cache_note() -> str:
+    """Where compiled programs are kept between processes, for the compile line."""
+    folder = jax.config.jax_compilation_cache_dir
+    if folder:
+        return f"first run only; cached in {folder}"
+    return "once per process: JAX's compilation cache is off"
 
 
 def compiled_programs() -> int:

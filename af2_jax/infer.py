@@ -14,11 +14,13 @@ audio or prompt is refused and left as it is.
 
 Checkpoint: --checkpoint DIR (from `python -m af2_jax.convert`); without it, the converted release in the cache
 ($AF2_JAX_HOME, default ~/.cache/af2_jax) if there is one, else the embedded demo model, announced as such.
-Compiled programs are cached on disk in $AF2_JAX_HOME/xla (or $JAX_COMPILATION_CACHE_DIR), so later runs of the
-same shapes start without compiling.
 --download fetches the release from the Hugging Face hub (37 GB) and converts it into the cache.
 
-Exit codes: 0 done, 1 an input cannot be used (one-line error), 2 bad arguments.
+Audio: whatever libsndfile reads (wav, flac, ogg, opus, mp3, ...); m4a/mp4, aac and webm with PyAV
+(pip install -e '.[av]').
+
+Compiled programs are cached on disk in $AF2_JAX_HOME/xla (or the folder JAX_COMPILATION_CACHE_DIR names), so later
+runs of the same shapes skip compiling; AF2_JAX_COMPILATION_CACHE=0 turns that off.
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ import logging
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 
+from af2_jax.checkpoint.store import cache_dir
+from af2_jax.cli import EXIT_CODES, prog, run_command, setup_logging, warn_if_cpu_only
 from af2_jax.config import MAX_WINDOWS_LIMIT
 from af2_jax.generate import Sampling
 
@@ -41,12 +44,8 @@ RELEASE_REPO = "nvidia/audio-flamingo-2"
 DEMO_CHECKPOINT = Path(__file__).resolve().parent / "demo_model"
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("AF2_JAX_HOME", Path.home() / ".cache" / "af2_jax"))
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m af2_jax.infer", description=__doc__,
+    p = argparse.ArgumentParser(prog=prog("infer"), description=__doc__, epilog=EXIT_CODES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_argument_group("what to answer")
     src.add_argument("--audio", nargs="+", metavar="FILE", help="audio file(s); each gets --prompt")
@@ -135,22 +134,13 @@ def main(argv=None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    for noisy in ("jax._src.xla_bridge", "absl"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    warnings.simplefilter("default")
-    logging.captureWarnings(True)
+    setup_logging()
     from af2_jax.audio.io import AudioError
     from af2_jax.checkpoint.reader import CheckpointError
     from af2_jax.tokenizer import TokenizerError
 
-    try:
-        return _run(args)
-    except (AudioError, CheckpointError, TokenizerError, ValueError, OSError) as err:
-        if args.debug:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    return run_command(lambda: _run(args), (AudioError, CheckpointError, TokenizerError, ValueError, OSError),
+                       debug=args.debug)
 
 
 def _load(args, path: Path, why: str, mesh):
@@ -175,21 +165,12 @@ def _sampling(args, mesh) -> dict:
                 top_p=args.top_p, key=jax.random.key(args.seed), mesh=mesh)
 
 
-def _enable_compilation_cache() -> None:
-    """Compiled programs are kept on disk ($JAX_COMPILATION_CACHE_DIR, default $AF2_JAX_HOME/xla), so a second run
-    of the same shapes skips compilation (over a minute on GPUs for the release size)."""
-    import jax
-
-    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
-
-
 def _run(args) -> int:
     import af2_jax
     from af2_jax.distributed import maybe_initialize_distributed
 
-    _enable_compilation_cache()
     maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    warn_if_cpu_only()
     from af2_jax.checkpoint.store import read_config
     from af2_jax.pipeline import prepare
 

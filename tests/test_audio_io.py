@@ -1,6 +1,9 @@
+import logging
 import math
+import os
 import shutil
 import subprocess
+import sys
 import warnings
 
 import librosa
@@ -8,9 +11,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from af2_jax.audio import AudioError, AudioWarning, collate_windows, load_windows, num_windows, read_audio
-from af2_jax.audio.io import int16_round_trip
-from conftest import pygame_clip_dir
+from af2_jax.audio import AudioError, collate_windows, load_windows, num_windows, read_audio
+from af2_jax.audio.io import check_readable, int16_round_trip, resample
+from af2_jax.config import AudioConfig
+from conftest import REPO, pygame_clip_dir
 
 W = 160000
 
@@ -85,24 +89,32 @@ def test_stereo_uses_the_first_channel_and_mp3_averages(audio_files):
     assert not np.allclose(mp3, first, atol=1e-2)
 
 
-def test_six_minutes_are_cut_to_thirty_windows_with_a_warning(audio_files):
-    with pytest.warns(AudioWarning, match=r"360\.0 s .* max_windows=30 .* last 60\.0 s were dropped"):
-        windows, mask = load_windows(audio_files["six_minutes"], max_windows=30)
+def _audio_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name.startswith("af2_jax.audio") and r.levelno == logging.WARNING]
+
+
+def test_six_minutes_are_cut_to_thirty_windows_with_a_warning(audio_files, caplog):
+    windows, mask = load_windows(audio_files["six_minutes"], max_windows=30)
     assert windows.shape == (30, W) and mask.sum() == 30
-    with pytest.warns(AudioWarning, match="last 240.0 s were dropped"):
-        windows, _ = load_windows(audio_files["six_minutes"])
+    windows, _ = load_windows(audio_files["six_minutes"])
     assert windows.shape == (12, W)
+    cut_30, cut_12 = _audio_warnings(caplog)
+    assert cut_30 == (f"{audio_files['six_minutes']}: 360.0 s of audio is longer than max_windows=30 (30 windows of "
+                      "10 s); the last 60.0 s were dropped")
+    assert "max_windows=12 (12 windows of 10 s); the last 240.0 s were dropped" in cut_12
     with pytest.raises(ValueError, match="outside 1..30"):
         load_windows(audio_files["six_minutes"], max_windows=31)
 
 
 @pytest.mark.parametrize("clip", ["boom.wav", "car_door.wav", "punch.wav", "whiff.wav", "secosmic_lo.wav",
                                   "house_lo.wav", "house_lo.flac", "house_lo.ogg", "house_lo.mp3", "house_lo.opus"])
-def test_pygame_clips(clip):
+def test_pygame_clips(clip, caplog):
     path = pygame_clip_dir() / clip
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         windows, mask = load_windows(path)
+    assert not _audio_warnings(caplog)
     info = sf.info(str(path))
     assert windows.shape == (_expected_windows(info.duration), W)
     np.testing.assert_array_equal(mask, 1.0)
@@ -114,10 +126,10 @@ def test_pygame_clips(clip):
         np.testing.assert_array_equal(windows, load_windows(pygame_clip_dir() / "house_lo.wav")[0])
 
 
-def test_silence_stays_silent_with_a_warning(audio_files):
-    with pytest.warns(AudioWarning, match="all zeros"):
-        windows, mask = load_windows(audio_files["silence"])
+def test_silence_stays_silent_with_a_warning(audio_files, caplog):
+    windows, mask = load_windows(audio_files["silence"])
     assert windows.shape == (1, W) and not windows.any() and mask.tolist() == [1.0]
+    assert _audio_warnings(caplog) == [f"{audio_files['silence']}: the audio is all zeros (silent); it is kept silent"]
 
 
 def test_non_negative_signal_gets_the_original_dc_shift(audio_files):
@@ -187,3 +199,98 @@ def test_sox_is_available_for_these_tests():
     assert shutil.which("sox") and shutil.which("espeak-ng")
     assert subprocess.run(["sox", "--version"], capture_output=True).returncode == 0
 
+
+
+@pytest.mark.parametrize("rate", [8000, 11025, 22050, 44100, 48000, 16001])
+def test_resampling_is_librosa_soxr_hq_bit_for_bit(rate):
+    """read_audio calls soxr itself, as librosa.resample(res_type="soxr_hq") does, to spare librosa's import."""
+    rng = np.random.default_rng(rate)
+    for length in (1, 999, rate + 1, 3 * rate + 7):
+        stereo = rng.standard_normal((length, 2))
+        # what read_audio resamples: a channel of a (frames, channels) file, strided, or a scaled contiguous copy
+        for samples in (stereo[:, 0], stereo[:, 0] / 3, stereo[:, 1].astype(np.float32)):
+            ours = resample(samples, rate, 16000)
+            theirs = librosa.resample(samples, orig_sr=rate, target_sr=16000, res_type="soxr_hq")
+            assert ours.dtype == theirs.dtype and ours.shape == theirs.shape, (rate, length)
+            np.testing.assert_array_equal(ours, theirs)
+
+
+_PYTHON_USER = """
+import sys
+from tqdm import tqdm
+from af2_jax.audio import load_windows
+from af2_jax.cli import setup_logging
+from af2_jax.config import AudioConfig
+
+demo = AudioConfig(window_seconds=3.0, max_windows=1)  # the demo model's audio: one 3 s window
+load_windows(sys.argv[1], max_windows=1, config=demo)  # a Python user who set up no logging
+setup_logging()  # a CLI, inside a progress bar
+for _ in tqdm(range(1), file=sys.stderr):
+    load_windows(sys.argv[1], max_windows=1, config=demo)
+print(sorted({name.split(".")[0] for name in sys.modules} & {"librosa", "numba"}))
+"""
+
+
+def test_a_cut_clip_is_one_warning_line_and_loading_never_imports_librosa(tmp_path):
+    """A 4 s clip at 44.1 kHz (resampled) for the demo model's one 3 s window: the warning is one line without
+    source paths, for a Python user and inside a CLI's progress bar; and librosa (numba: seconds to import) never
+    loads."""
+    clip = tmp_path / "four_seconds.wav"
+    sf.write(str(clip), 0.5 * np.sin(2 * np.pi * 440 * np.arange(4 * 44100) / 44100), 44100)
+    run = subprocess.run([sys.executable, "-c", _PYTHON_USER, str(clip)], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"
+    message = (f"{clip}: 4.0 s of audio is longer than max_windows=1 (1 window of 3 s); the last 1.0 s were "
+               "dropped")
+    lines = [line for line in run.stderr.replace("\r", "\n").splitlines() if line.strip()]
+    assert [line for line in lines if "dropped" in line] == [message, message], run.stderr
+    assert not [line for line in lines if "io.py" in line or "Warning" in line], run.stderr
+
+
+def _m4a_without_audio(tmp_path):
+    path = tmp_path / "voice-note.m4a"
+    path.write_bytes(b"\x00\x00\x00\x1cftypM4A \x00\x00\x02\x00isomiso2" + bytes(64))
+    return path
+
+
+def test_formats_libsndfile_cannot_read_name_the_av_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "av", None)  # as without PyAV installed: `import av` raises ImportError
+    webm = tmp_path / "recording.webm"
+    webm.write_bytes(b"\x1aE\xdf\xa3" + bytes(64))
+    aac = tmp_path / "song.aac"
+    aac.write_bytes(b"\xff\xf1\x50\x80" + bytes(64))
+    for path, kind in ((_m4a_without_audio(tmp_path), "an MP4/M4A file"), (webm, "a WebM/Matroska file"),
+                       (aac, "an AAC file")):
+        expected = (f"{path}: is {kind}, which libsndfile cannot decode; install PyAV to read it "
+                    "(pip install -e '.[av]') or convert the file to wav/flac")
+        for read in (load_windows, check_readable):
+            with pytest.raises(AudioError) as err:
+                read(path)
+            assert str(err.value) == expected
+
+
+def test_pyav_decodes_m4a_and_webm(tmp_path, caplog):
+    av = pytest.importorskip("av", reason="PyAV (the av extra) is not installed")
+    t = np.arange(2 * 48000) / 48000
+    stereo = np.stack([0.5 * np.sin(2 * np.pi * 440 * t), 0.5 * np.sin(2 * np.pi * 1800 * t)]).astype(np.float32)
+    for name, container, codec in (("clip.m4a", "mp4", "aac"), ("clip.webm", "webm", "libopus")):
+        path = tmp_path / name
+        with av.open(str(path), "w", format=container) as out:
+            stream = out.add_stream(codec, rate=48000, layout="stereo")
+            for start in range(0, stereo.shape[1], 960):
+                frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(stereo[:, start:start + 960]), format="fltp",
+                                                   layout="stereo")
+                frame.sample_rate, frame.pts = 48000, start
+                out.mux(stream.encode(frame))
+            out.mux(stream.encode(None))
+        samples, seconds = read_audio(path)
+        assert seconds == pytest.approx(2.0, abs=0.05) and len(samples) == pytest.approx(32000, abs=800), name
+        spectrum = np.abs(np.fft.rfft(samples[4000:28000]))
+        assert np.argmax(spectrum) * 16000 / 24000 == pytest.approx(440, abs=2), name  # the first channel
+        windows, _ = load_windows(path, max_windows=1, config=AudioConfig(window_seconds=1.0))
+        assert windows.shape == (1, 16000)
+        assert "the last 1.0 s were dropped" in _audio_warnings(caplog)[-1]
+        check_readable(path)
+    with pytest.raises(AudioError, match="is an MP4/M4A file that cannot be decoded"):
+        load_windows(_m4a_without_audio(tmp_path))

@@ -127,6 +127,14 @@ def _assert_one_line(message: str, *names: str) -> None:
         assert name in message, (name, message)
 
 
+def _error_line(stderr: str) -> str:
+    """A CLI's refusal: its last stderr line, `error: ...` (progress lines may come before it, nothing after)."""
+    lines = stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("error: "), stderr
+    assert sum(line.startswith("error: ") for line in lines) == 1, stderr
+    return lines[-1]
+
+
 @pytest.mark.parametrize("case", list(HEADER_CASES))
 def test_hostile_header_is_refused_before_any_tensor_is_read(golden, tmp_path, case):
     path, tensor = _hostile(golden, tmp_path, case)
@@ -177,12 +185,12 @@ def test_integer_dtype_for_a_float_parameter_is_refused(golden, tmp_path, capsys
     with pytest.raises(CheckpointError, match=re.escape(FLOAT_PARAM) + " is int32, expected a floating-point"):
         inspect(src, config)
     assert convert_cli([str(src), "--dry-run", "--model", config]) == 1
-    _assert_one_line(capsys.readouterr().err, str(src), FLOAT_PARAM)
+    _assert_one_line(_error_line(capsys.readouterr().err), str(src), FLOAT_PARAM)
     # A killed run's partial folder is cleaned up by the next run, even one whose source is then refused.
     leftover = tmp_path / ".out.partial-k1ll3d_0"
     leftover.mkdir()
     assert convert_cli([str(src), str(tmp_path / "out"), "--model", config]) == 1
-    _assert_one_line(capsys.readouterr().err, str(src), FLOAT_PARAM)
+    _assert_one_line(_error_line(capsys.readouterr().err), str(src), FLOAT_PARAM)
     assert f"removing {leftover}, left over from an interrupted run" in caplog.text
     assert _no_output(tmp_path) == []  # no DST, no partial folder (the refusal came after the DST check)
 
@@ -279,9 +287,8 @@ def test_infer_cli_on_damaged_arrays_prints_one_line(small_checkpoint, tmp_path,
         _garbage(chunk)
     code = infer_cli(["--checkpoint", str(folder), "--audio", str(REPO / "infer" / "examples" / "three_beeps.flac"),
                       "--prompt", "q"])
-    err = capsys.readouterr().err
-    assert code == 1 and err.startswith("error: ")
-    _assert_one_line(err, str(folder / "params"), "cannot read this Orbax tree")
+    assert code == 1
+    _assert_one_line(_error_line(capsys.readouterr().err), str(folder / "params"), "cannot read this Orbax tree")
 
 
 # --- the destination -------------------------------------------------------------------------------------------

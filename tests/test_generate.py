@@ -1,11 +1,12 @@
+import logging
+
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from af2_jax.checkpoint import load_original
-from af2_jax.generate import bucket_prompt, bucket_windows, generate, left_pad
+from af2_jax.generate import bucket_prompt, bucket_rows, bucket_windows, generate, left_pad
 from af2_jax.nn.af2 import relayout
 
 _CACHE = {}
@@ -24,8 +25,8 @@ def _model(golden, scan_layers=False):
 def test_batched_greedy_equals_the_original(golden, scan_layers):
     i, o = golden.inputs, golden.outputs
     n = o["generated_ids"].shape[1] - i["gen_input_ids"].shape[1]
-    out = generate(_model(golden, scan_layers), i["gen_input_ids"], i["gen_attention_mask"], i["audio_x"], i["audio_x_mask"],
-                   max_new_tokens=n)
+    out = generate(_model(golden, scan_layers), i["gen_input_ids"], i["gen_attention_mask"], i["audio_x"],
+                   i["audio_x_mask"], max_new_tokens=n)
     np.testing.assert_array_equal(out.tokens, o["generated_ids"][:, -n:])
     np.testing.assert_array_equal(np.concatenate([i["gen_input_ids"], out.tokens], axis=1), o["generated_ids"])
 
@@ -100,13 +101,25 @@ def test_cached_decoding_equals_full_recomputation(golden):
     np.testing.assert_array_equal(cached, sequence[len(ids[0]):])
 
 
-def test_sampling_is_reproducible_and_top_k_1_is_greedy(golden):
+def _compile_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "af2_jax.generate"]
+
+
+def test_sampling_is_reproducible_and_top_k_1_is_greedy(golden, caplog):
     model = _model(golden)
     i = golden.inputs
     args = (i["gen_input_ids"], i["gen_attention_mask"], i["audio_x"], i["audio_x_mask"])
-    a = generate(model, *args, max_new_tokens=8, temperature=1.0, top_k=20, top_p=0.9, key=jax.random.key(7))
-    b = generate(model, *args, max_new_tokens=8, temperature=1.0, top_k=20, top_p=0.9, key=jax.random.key(7))
-    c = generate(model, *args, max_new_tokens=8, temperature=1.0, top_k=20, top_p=0.9, key=jax.random.key(8))
+    with caplog.at_level(logging.INFO, logger="af2_jax.generate"):
+        a = generate(model, *args, max_new_tokens=8, temperature=1.0, top_k=20, top_p=0.9, key=jax.random.key(7))
+        # This sampling rule is compiled here first: one line before compiling, however many programs it takes.
+        rows, windows = bucket_rows(args[0].shape[0]), bucket_windows(args[2].shape[1])
+        assert _compile_lines(caplog) == [
+            f"compiling for {rows} row(s) x {windows} window(s), prompt {bucket_prompt(args[0].shape[1])} + 8 new "
+            f"tokens (first run only; cached in {jax.config.jax_compilation_cache_dir})"]
+        caplog.clear()
+        b = generate(model, *args, max_new_tokens=8, temperature=1.0, top_k=20, top_p=0.9, key=jax.random.key(7))
+        c = generate(model, *args, max_new_tokens=8, temperature=1.0, top_k=20, top_p=0.9, key=jax.random.key(8))
+        assert not _compile_lines(caplog)  # compiled already in this process: nothing to announce
     np.testing.assert_array_equal(a.tokens, b.tokens)
     assert not np.array_equal(a.tokens, c.tokens)
     greedy = generate(model, *args, max_new_tokens=8)

@@ -1,5 +1,7 @@
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -9,6 +11,8 @@ import numpy as np
 import pytest
 
 import af2_jax
+from af2_jax.cli import EXIT_CODES
+from af2_jax.infer import DEMO_CHECKPOINT
 from af2_jax.infer import main as infer_cli
 from conftest import REPO, pygame_clip_dir
 
@@ -24,7 +28,10 @@ def home(tmp_path_factory):
 
 
 def _env(home):
-    return dict(os.environ, PYTHONPATH=str(REPO), AF2_JAX_HOME=str(home))
+    """The CLI's environment with `home` as AF2_JAX_HOME, whose xla/ then keeps the compiled programs (the session's
+    JAX_COMPILATION_CACHE_DIR would take precedence)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_COMPILATION_CACHE_DIR", "AF2_JAX_COMPILATION_CACHE")}
+    return dict(env, PYTHONPATH=str(REPO), AF2_JAX_HOME=str(home))
 
 
 def _cli(home, *args, **kw):
@@ -141,3 +148,68 @@ def test_stream_prints_the_same_answer(checkpoint, audio_files, capsys):
     assert infer_cli(common + ["--stream"]) == 0
     streamed = capsys.readouterr().out.strip()
     assert streamed == f"{audio_files['speech']}: {plain}".strip()
+
+
+def _make_demo_command() -> list[str]:
+    """The command `make demo` runs, read from the Makefile, with this interpreter for $(PY)."""
+    makefile = (REPO / "Makefile").read_text()
+    variables = dict(re.findall(r"^(\w+) :?= (.*)$", makefile, re.M))
+    recipe = re.search(r"^demo:.*\n\t(.*)$", makefile, re.M).group(1)
+    expanded = re.sub(r"\$\((\w+)\)", lambda m: sys.executable if m[1] == "PY" else variables[m[1]], recipe)
+    return shlex.split(expanded)
+
+
+def test_make_demo_answers_three_without_surprises(tmp_path):
+    """The first run of `make demo`, on an empty AF2_JAX_HOME: the answer, no warning, one line about the
+    checkpoint, and a line before compiling that says where the programs are kept (and they are)."""
+    run = subprocess.run(_make_demo_command(), cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env=_env(tmp_path))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == "three\n"
+    assert "warning" not in run.stderr.lower(), run.stderr
+    lines = run.stderr.splitlines()
+    assert len(lines) == 4, run.stderr
+    assert lines[0].startswith("audio: 1 file(s), 1 window(s) loaded in ")
+    assert lines[1].startswith(f"checkpoint: {DEMO_CHECKPOINT} (the embedded DEMO model") and "loaded in" in lines[1]
+    assert lines[2] == ("compiling for 1 row(s) x 1 window(s), prompt 16 + 256 new tokens (first run only; cached in "
+                        f"{tmp_path / 'xla'})")
+    assert lines[3].startswith("compile ") and "decoding" in lines[3]
+    assert any((tmp_path / "xla").iterdir())
+
+
+def test_help_shows_the_exit_codes(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        infer_cli(["--help"])
+    assert exit_info.value.code == 0
+    assert EXIT_CODES in capsys.readouterr().out
+
+
+def test_ctrl_c_exits_130(audio_files, capsys, monkeypatch):
+    import af2_jax.infer as infer_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(infer_module, "resolve_checkpoint", interrupted)
+    assert infer_cli(["--audio", str(audio_files["speech"]), "--prompt", "hi"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+
+
+def test_compilation_cache_goes_where_the_user_says(tmp_path, monkeypatch):
+    """af2_jax.load turns the cache on in $AF2_JAX_HOME/xla; a folder the user chose stays, and
+    AF2_JAX_COMPILATION_CACHE=0 leaves the cache off."""
+    import jax
+
+    from af2_jax.checkpoint.store import use_compilation_cache
+
+    chosen = jax.config.jax_compilation_cache_dir  # the session's, from JAX_COMPILATION_CACHE_DIR (conftest)
+    monkeypatch.setenv("AF2_JAX_HOME", str(tmp_path))
+    try:
+        assert use_compilation_cache() == chosen and jax.config.jax_compilation_cache_dir == chosen
+        jax.config.update("jax_compilation_cache_dir", None)
+        monkeypatch.setenv("AF2_JAX_COMPILATION_CACHE", "0")
+        assert use_compilation_cache() is None and jax.config.jax_compilation_cache_dir is None
+        monkeypatch.delenv("AF2_JAX_COMPILATION_CACHE")
+        assert use_compilation_cache() == str(tmp_path / "xla") == jax.config.jax_compilation_cache_dir
+    finally:
+        jax.config.update("jax_compilation_cache_dir", chosen)

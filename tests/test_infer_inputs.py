@@ -2,6 +2,7 @@
 is loaded (so nothing here compiles, except the one demo-model run), or becomes that item's "error" line."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -125,3 +126,13 @@ def test_max_new_tokens_must_fit_the_context(clip, capsys):
     assert infer_cli(["--audio", clip, "--prompt", "hi", "--max-new-tokens", "40000"]) == 1
     err = _one_line_error(capsys)
     assert "--max-new-tokens 40000" in err and "32768" in err and "32256 or less" in err
+
+
+def test_an_m4a_without_pyav_names_the_extra(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "av", None)  # as without PyAV installed: `import av` raises ImportError
+    voice_note = tmp_path / "voice-note.m4a"
+    voice_note.write_bytes(b"\x00\x00\x00\x1cftypM4A \x00\x00\x02\x00isomiso2" + bytes(64))
+    assert infer_cli(["--audio", str(voice_note), "--prompt", "what is said?"]) == 1
+    err = _one_line_error(capsys)
+    assert err == (f"error: {voice_note}: is an MP4/M4A file, which libsndfile cannot decode; install PyAV to read it "
+                   "(pip install -e '.[av]') or convert the file to wav/flac\n")

@@ -2,11 +2,14 @@
 10 s windows (AF2_SPEC 2.1-2.2), and batch collation.
 
 Deviations from the original, all deliberate:
-- mp3 is decoded by soundfile (libsndfile) and resampled by librosa's soxr_hq like every other format; the original
-  used pydub/ffmpeg and audioop's rate conversion for mp3 (channel averaging is kept).
+- mp3 is decoded by soundfile (libsndfile) and resampled by soxr_hq like every other format; the original used
+  pydub/ffmpeg and audioop's rate conversion for mp3 (channel averaging is kept).
+- MP4/M4A, AAC and WebM, which libsndfile cannot read, are decoded by PyAV when the `av` extra is installed.
 - An all-zero clip stays silent (with a warning) instead of turning into NaN through 0/0.
 - Up to 30 windows (5 minutes) are allowed; audio past the window limit is dropped with a warning that says how
   much, where the original dropped it silently.
+
+Warnings are log records of the `af2_jax.audio` logger (one line each, even where logging is not configured).
 """
 
 from __future__ import annotations
@@ -15,24 +18,19 @@ import logging
 import math
 import os
 import struct
-import warnings
 from typing import Sequence
 
 import numpy as np
 
 from af2_jax.config import MAX_WINDOWS_LIMIT, AudioConfig
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 _DEFAULT_AUDIO = AudioConfig()
 
 
 class AudioError(ValueError):
     """A file that cannot be turned into model input. The message names the file, the problem and the fix."""
-
-
-class AudioWarning(UserWarning):
-    """Audio was changed in a way the user should know about (cut to the window limit, silent input)."""
 
 
 def _fail(path, problem: str) -> AudioError:
@@ -75,6 +73,33 @@ def _check_not_cut_off(path) -> None:
             return
 
 
+# Containers libsndfile cannot read, told apart by their first bytes: (test on the first 12 bytes, what the file is).
+_AV_CONTAINERS = (
+    (lambda head: head[4:8] == b"ftyp", "an MP4/M4A file"),
+    (lambda head: head[:4] == b"\x1aE\xdf\xa3", "a WebM/Matroska file"),
+    # ADTS frames start with a 12-bit sync word and layer 0 (mp3 shares the sync word with a non-zero layer).
+    (lambda head: head[:4] == b"ADIF" or (head[:1] == b"\xff" and head[1:2] != b"" and head[1] & 0xF6 == 0xF0),
+     "an AAC file"),
+)
+_AV_EXTRA = "pip install -e '.[av]'"
+
+
+def _av_container(path) -> str | None:
+    """What `path` is when it is a container that libsndfile cannot read and PyAV can, else None."""
+    with open(path, "rb") as f:
+        head = f.read(12)
+    return next((kind for matches, kind in _AV_CONTAINERS if matches(head)), None)
+
+
+def _import_av(path, kind: str):
+    try:
+        import av
+    except ImportError:
+        raise _fail(path, f"is {kind}, which libsndfile cannot decode; install PyAV to read it ({_AV_EXTRA}) or "
+                          "convert the file to wav/flac") from None
+    return av
+
+
 def _open(path):
     import soundfile  # imported here so that device-only code paths (features, encoder) need no libsndfile
 
@@ -86,27 +111,31 @@ def _open(path):
         raise _fail(path, f"cannot be decoded as audio ({err}); convert it to wav/flac/ogg/mp3") from None
 
 
+def _open_av(av, path, kind: str):
+    """`(container, its first audio stream)` through PyAV; the caller closes the container."""
+    try:
+        container = av.open(path)
+    except av.FFmpegError as err:
+        raise _fail(path, f"is {kind} that cannot be decoded ({err.strerror}); re-export the file") from None
+    if not container.streams.audio:
+        container.close()
+        raise _fail(path, f"is {kind} without an audio stream; pass a file that holds audio")
+    return container, container.streams.audio[0]
+
+
 def check_readable(path) -> None:
     """Raises the `AudioError` that loading `path` would raise for problems its header shows (missing, a folder,
     empty, not audio, cut off), without decoding the samples: a quick check of many files."""
     path = os.fspath(path)
     _check_path(path)
     _check_not_cut_off(path)
-    with _open(path):
-        pass
+    kind = _av_container(path)
+    container = _open_av(_import_av(path, kind), path, kind)[0] if kind else _open(path)
+    container.close()
 
 
-def read_audio(path, *, max_seconds: float | None = None, sample_rate: int = 16000,
-               start_seconds: float = 0.0) -> tuple[np.ndarray, float]:
-    """Decodes `path` into mono float32 at `sample_rate`, peak-normalised as the original (AF2_SPEC 2.1).
-    Reading starts `start_seconds` into the file (a manifest item's `audio_start`).
-
-    Returns `(samples, total_seconds)`; `total_seconds` is the duration of the whole file, so callers can report
-    what `max_seconds` dropped. Raises `AudioError` with one line naming the file and the problem.
-    """
-    path = os.fspath(path)
-    _check_path(path)
-    _check_not_cut_off(path)
+def _decode_soundfile(path, start_seconds: float, max_seconds: float | None) -> tuple[np.ndarray, int, int]:
+    """`(samples (frames, channels) float64, sample rate, frames in the file after the start)`."""
     import soundfile
 
     with _open(path) as f:
@@ -123,18 +152,78 @@ def read_audio(path, *, max_seconds: float | None = None, sample_rate: int = 160
             data = f.read(frames=wanted, dtype="float64", always_2d=True)
         except (soundfile.LibsndfileError, RuntimeError) as err:
             raise _fail(path, f"is corrupt or truncated and could not be decoded ({err}); re-export the file") from None
+    # libsndfile only estimates an mp3's length (encoder padding), so a short read is an error for other formats only.
+    if 0 < data.shape[0] < wanted and not path.lower().endswith(".mp3"):
+        raise _fail(path, f"is truncated: the header promises {wanted} frames but only {data.shape[0]} decode; "
+                          "re-export or re-download the file")
+    return data, file_rate, total_frames
+
+
+def _decode_av(path, kind: str, start_seconds: float, max_seconds: float | None) -> tuple[np.ndarray, int, int]:
+    """`_decode_soundfile` for the containers PyAV reads. Decoding stops once `max_seconds` are in; the length of
+    the rest then comes from the container's header (an estimate, as for mp3)."""
+    av = _import_av(path, kind)
+    container, stream = _open_av(av, path, kind)
+    rate = stream.rate
+    start = int(start_seconds * rate)
+    stop = None if max_seconds is None else start + int(max_seconds * rate)
+    to_double = av.AudioResampler(format="dblp")  # only the sample format changes: exact, no resampling
+    parts, decoded = [], 0
+    with container:
+        header_frames = round(container.duration * rate / av.time_base) if container.duration else 0
+        try:
+            for frame in container.decode(stream):
+                parts += [converted.to_ndarray() for converted in to_double.resample(frame)]
+                decoded = sum(part.shape[1] for part in parts)
+                if stop is not None and decoded >= stop:
+                    break
+            else:  # decoded to the end: the length is exact
+                parts += [converted.to_ndarray() for converted in to_double.resample(None)]
+                decoded = header_frames = sum(part.shape[1] for part in parts)
+        except av.FFmpegError as err:
+            raise _fail(path, f"is {kind} that is corrupt or truncated ({err.strerror}); re-export the file") from None
+    if start and not 0 < start < decoded:
+        raise _fail(path, f"audio_start {start_seconds} s is outside the file ({decoded / rate:.2f} s); "
+                          "fix the manifest item")
+    data = np.concatenate(parts, axis=1).T if parts else np.zeros((0, stream.channels))
+    return data[start:stop], rate, max(decoded, header_frames) - start
+
+
+def resample(samples: np.ndarray, orig_rate: int, target_rate: int) -> np.ndarray:
+    """soxr's HQ resampler, called exactly as `librosa.resample(samples, orig_sr=..., target_sr=...,
+    res_type="soxr_hq")` calls it (the same samples, bit for bit), without importing librosa, whose numba start-up
+    takes seconds. As librosa, the result is cut or zero-padded to ceil(length * target / orig) samples."""
+    import soxr
+
+    if orig_rate == target_rate:
+        return samples
+    length = int(np.ceil(len(samples) * (float(target_rate) / orig_rate)))  # librosa's float arithmetic
+    out = soxr.resample(samples, orig_rate, target_rate, quality="soxr_hq")[:length]
+    return np.pad(out, (0, length - len(out))).astype(samples.dtype, copy=False)
+
+
+def read_audio(path, *, max_seconds: float | None = None, sample_rate: int = 16000,
+               start_seconds: float = 0.0) -> tuple[np.ndarray, float]:
+    """Decodes `path` into mono float64 at `sample_rate`, peak-normalised as the original (AF2_SPEC 2.1).
+    Reading starts `start_seconds` into the file (a manifest item's `audio_start`).
+
+    Returns `(samples, total_seconds)`; `total_seconds` is the duration of the whole file, so callers can report
+    what `max_seconds` dropped. Raises `AudioError` with one line naming the file and the problem.
+    """
+    path = os.fspath(path)
+    _check_path(path)
+    _check_not_cut_off(path)
+    kind = _av_container(path)
+    if kind:
+        data, file_rate, total_frames = _decode_av(path, kind, start_seconds, max_seconds)
+    else:
+        data, file_rate, total_frames = _decode_soundfile(path, start_seconds, max_seconds)
     if data.shape[0] == 0:
         raise _fail(path, "contains no audio samples; re-export the file")
     if not np.isfinite(data).all():
         raise _fail(path, "contains NaN or infinite samples; fix the file (e.g. re-export it as 16-bit PCM)")
-    is_mp3 = path.lower().endswith(".mp3")
-    # libsndfile only estimates an mp3's length (encoder padding), so a short read is an error for other formats only.
-    if not is_mp3 and data.shape[0] < wanted:
-        raise _fail(path, f"is truncated: the header promises {wanted} frames but only {data.shape[0]} decode; "
-                          "re-export or re-download the file")
-    total_seconds = total_frames / file_rate
 
-    if is_mp3:
+    if path.lower().endswith(".mp3"):
         # The original decodes mp3 with pydub and averages the channels.
         mono = data.mean(axis=1)
     else:
@@ -142,11 +231,8 @@ def read_audio(path, *, max_seconds: float | None = None, sample_rate: int = 160
         # original), then keeps only the first channel.
         peak = np.max(np.abs(data))
         mono = data[:, 0] / peak if peak > 1.0 else data[:, 0]
-    if file_rate != sample_rate:
-        import librosa  # imported lazily: numba compiles on first import
-
-        mono = librosa.resample(mono, orig_sr=file_rate, target_sr=sample_rate, res_type="soxr_hq")
-    return _peak_normalise(mono, path), total_seconds
+    mono = resample(mono, file_rate, sample_rate)
+    return _peak_normalise(mono, path), total_frames / file_rate
 
 
 def _peak_normalise(x: np.ndarray, path) -> np.ndarray:
@@ -154,7 +240,7 @@ def _peak_normalise(x: np.ndarray, path) -> np.ndarray:
     with a DC shift (Q17). An all-zero signal stays zero instead of becoming NaN."""
     peak = float(np.max(np.abs(x))) if x.size else 0.0
     if peak == 0.0:
-        warnings.warn(f"{path}: the audio is all zeros (silent); it is kept silent", AudioWarning, stacklevel=3)
+        log.warning("%s: the audio is all zeros (silent); it is kept silent", path)
         return x.astype(np.float64)
     if np.min(x) >= 0:
         return 2.0 * x / peak - 1.0
@@ -191,7 +277,7 @@ def load_windows(path, max_windows: int = 12, *, config: AudioConfig = _DEFAULT_
                  start_seconds: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Loads an audio file as model input: `(W, 160000)` float32 windows and a `(W,)` float32 mask of ones.
 
-    `max_windows` may be 1..30 (30 windows = 5 minutes); audio beyond it is dropped with an `AudioWarning`.
+    `max_windows` may be 1..30 (30 windows = 5 minutes); audio beyond it is dropped with a logged warning.
     """
     if not 1 <= max_windows <= MAX_WINDOWS_LIMIT:
         raise ValueError(f"max_windows={max_windows} is outside 1..{MAX_WINDOWS_LIMIT} (30 windows = 5 minutes)")
@@ -199,10 +285,9 @@ def load_windows(path, max_windows: int = 12, *, config: AudioConfig = _DEFAULT_
     samples, total_seconds = read_audio(path, max_seconds=limit_seconds, sample_rate=config.sample_rate,
                                         start_seconds=start_seconds)
     if total_seconds > limit_seconds + 1e-6:
-        warnings.warn(
-            f"{path}: {total_seconds:.1f} s of audio is longer than max_windows={max_windows} windows "
-            f"({limit_seconds:.0f} s); the last {total_seconds - limit_seconds:.1f} s were dropped",
-            AudioWarning, stacklevel=2)
+        window = "1 window" if max_windows == 1 else f"{max_windows} windows"
+        log.warning("%s: %.1f s of audio is longer than max_windows=%d (%s of %g s); the last %.1f s were dropped",
+                    path, total_seconds, max_windows, window, config.window_seconds, total_seconds - limit_seconds)
     return split_windows(samples, window_samples=config.window_samples, max_windows=max_windows)
 
 

@@ -17,14 +17,12 @@ from flax import nnx
 
 from af2_jax.checkpoint import keymap
 from af2_jax.checkpoint.reader import CheckpointError, SafetensorsCheckpoint
-from af2_jax.checkpoint.store import model_variables, state_variables
+from af2_jax.checkpoint.store import is_stacked, model_variables, state_variables
 from af2_jax.config import AF2Config
 
 log = logging.getLogger(__name__)
 
 HTSAT_ROOT = "audio_encoder"
-# Top-level attributes of AF2Model whose parameters carry a leading `layers` axis.
-STACKED_ROOTS = ("layers",)
 _MAX_LISTED = 8
 _COMPARE_CHUNK_BYTES = 64 << 20
 
@@ -63,10 +61,6 @@ def flat_variables(module: nnx.Module, root: str = "") -> list[tuple[str, nnx.Va
     """(dotted path, variable) for every variable of a (possibly abstract) module, paths prefixed by `root`."""
     prefix = root + "." if root else ""
     return [(prefix + path, var) for path, var in model_variables(module)]
-
-
-def is_stacked(path: str) -> bool:
-    return path.split(".", 1)[0] in STACKED_ROOTS
 
 
 def slot_shapes(variables) -> dict[str, tuple[int, ...]]:

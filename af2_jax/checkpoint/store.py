@@ -268,10 +268,33 @@ def model_variables(model: nnx.Module) -> list[tuple[str, nnx.Variable]]:
     return state_variables(nnx.split(model)[1])
 
 
+# Top-level attributes of AF2Model whose parameters checkpoints keep stacked on a leading `layers` axis.
+STACKED_ROOTS = ("layers",)
+
+
+def is_stacked(path: str) -> bool:
+    """Whether a dotted parameter path (of either layout) belongs to the stacked LM layers."""
+    return path.split(".", 1)[0] in STACKED_ROOTS
+
+
+def stacked_groups(variables) -> dict[str, list[nnx.Variable]]:
+    """`(dotted path, variable)` pairs of either layout grouped by their path in the stacked layout that
+    checkpoints use: an unstacked model's `layers.{i}.rest` joins the other layers' copies under `layers.rest`, in
+    layer order; every other variable is a group of one."""
+    groups: dict[str, dict[int, nnx.Variable]] = {}
+    for path, var in variables:
+        root, index, rest = (path.split(".", 2) + ["", ""])[:3]
+        if root in STACKED_ROOTS and index.isdigit():
+            groups.setdefault(f"{root}.{rest}", {})[int(index)] = var
+        else:
+            groups.setdefault(path, {})[0] = var
+    return {path: [layers[i] for i in sorted(layers)] for path, layers in groups.items()}
+
+
 def checkpoint_arrays(model) -> list[tuple[str, jax.Array, nnx.Variable]]:
     """(checkpoint path, value, variable) for every variable, in the stacked layout checkpoints use whatever the
     model's: an unstacked model's layers are stacked one parameter at a time (with layer 0's variable)."""
-    arrays = [(p, v[...], v) for p, v in model_variables(model) if model.scan_layers or not p.startswith("layers.")]
+    arrays = [(p, v[...], v) for p, v in model_variables(model) if model.scan_layers or not is_stacked(p)]
     if not model.scan_layers:
         from af2_jax.nn.af2 import stacked_layer_arrays
 
@@ -325,13 +348,38 @@ def _save_from_processes(model, arrays, dst: Path, tokenizer, dtype, overwrite: 
     return dst
 
 
+def cache_dir() -> Path:
+    """$AF2_JAX_HOME (default ~/.cache/af2_jax): the converted release (`infer --download`) and, in `xla/`, compiled
+    programs."""
+    return Path(os.environ.get("AF2_JAX_HOME", Path.home() / ".cache" / "af2_jax"))
+
+
+# Set to 0 to keep af2-jax from turning JAX's persistent compilation cache on.
+COMPILATION_CACHE_SWITCH = "AF2_JAX_COMPILATION_CACHE"
+
+
+def use_compilation_cache() -> str | None:
+    """Turns on JAX's persistent compilation cache in $AF2_JAX_HOME/xla, so a later process that compiles the same
+    programs loads them from disk (on GPUs, over a minute per program for the release). A folder the user chose
+    (JAX_COMPILATION_CACHE_DIR, or jax_compilation_cache_dir in jax.config) is kept, and
+    AF2_JAX_COMPILATION_CACHE=0 leaves the cache as JAX has it. Returns the folder in use, or None."""
+    chosen = jax.config.jax_compilation_cache_dir
+    if chosen or os.environ.get(COMPILATION_CACHE_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+        return chosen or None
+    folder = str(cache_dir() / "xla")
+    jax.config.update("jax_compilation_cache_dir", folder)
+    return folder
+
+
 def load(path, dtype="bfloat16", mesh=None, *, param_dtype=None, scan_layers: bool = True):
     """Loads a checkpoint written by `python -m af2_jax.convert` as an `AF2Model` whose weights and activations
     are in `dtype` ("float32" or "bfloat16"); `param_dtype` keeps the weights in another dtype (training: float32
     master weights, bfloat16 compute). With a `mesh` (`af2_jax.sharding.make_mesh`), every parameter is
     restored straight into its shards as the rules table places it: no host holds a full copy. `scan_layers=False`
-    returns the layers unstacked, the faster layout for decoding (`af2_jax.nn.af2`)."""
-    from af2_jax.nn.af2 import AF2Model, relayout
+    returns the layers unstacked, the faster layout for decoding (`af2_jax.nn.af2`): the checkpoint's stacked
+    parameters are cut into the layers as they are restored. Also turns on the compilation cache
+    (`use_compilation_cache`)."""
+    from af2_jax.nn.af2 import AF2Model, layer_pieces, layer_sharding
 
     folder = Path(path)
     if not folder.is_dir():
@@ -339,37 +387,45 @@ def load(path, dtype="bfloat16", mesh=None, *, param_dtype=None, scan_layers: bo
                               "`python -m af2_jax.convert SRC DST` and pass DST")
     config, _ = read_config(folder)
     _check_tokenizer(folder, config)
+    use_compilation_cache()
     dtype = jnp.dtype(dtype)
     param_dtype = jnp.dtype(param_dtype or dtype)
-    abstract = nnx.eval_shape(lambda: AF2Model(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    variables = state_variables(state)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: AF2Model(
+        config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0), scan_layers=scan_layers)))
+    groups = stacked_groups(state_variables(state))  # checkpoint path -> the model's variable(s) holding it
+    cut = {p for p in groups if is_stacked(p) and not scan_layers}  # stored stacked, held one variable per layer
+    expected = {p: ((len(vs),) if p in cut else ()) + tuple(vs[0].shape) for p, vs in groups.items()}
     stored = stored_shapes(folder / "params")
-    expected = {p: tuple(v.shape) for p, v in variables}
     missing = sorted(set(expected) - set(stored))
     extra = sorted(set(stored) - set(expected))
     wrong = sorted(p for p in set(expected) & set(stored) if stored[p][0] != expected[p])
     if missing or extra or wrong:
         raise CheckpointError(f"{folder}: parameters do not match config.json (missing {missing[:5]}, unexpected "
                               f"{extra[:5]}, wrong shape {wrong[:5]}); re-convert the checkpoint")
-    # Without a mesh, everything goes to one device, whatever layout the checkpoint was written from (a multi-host
-    # training run, `convert --mesh`): Orbax would otherwise try to restore the writer's device layout.
-    single = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    shardings = {p: single for p, _ in variables}
-    if mesh is not None:
+    if mesh is None:
+        # Onto one device, whatever layout wrote the checkpoint (a multi-host training run, `convert --mesh`):
+        # restored on the host, then each variable is copied to the device, so cutting layers compiles nothing.
+        target = {p: np.empty(expected[p], storage_dtype(vs[0], param_dtype)) for p, vs in groups.items()}
+    else:
         from af2_jax.sharding import Placement, format_mesh, variable_sharding
 
         placement = Placement(mesh, config)
-        shardings = {p: variable_sharding(v, placement) for p, v in variables}
         log.info("mesh %s: %s", format_mesh(dict(mesh.shape)), placement.report())
-    target = nest({p: jax.ShapeDtypeStruct(v.shape, storage_dtype(v, param_dtype), sharding=shardings[p])
-                   for p, v in variables})
-    restored = flatten(restore_tree(folder / "params", target))
-    for p, var in variables:
-        var.set_value(restored[p] if mesh is not None else jnp.asarray(restored[p]))
-    model = nnx.merge(graphdef, state)
-    log.info("loaded %s (%s)", folder, dtype.name)
-    return relayout(model, scan_layers)
+        target = {p: jax.ShapeDtypeStruct(expected[p], storage_dtype(vs[0], param_dtype),
+                                          sharding=layer_sharding(variable_sharding(vs[0], placement), stacked=True)
+                                          if p in cut else variable_sharding(vs[0], placement))
+                  for p, vs in groups.items()}
+    restored = flatten(restore_tree(folder / "params", nest(target)))
+    for p, variables in groups.items():
+        value = restored.pop(p)
+        pieces = layer_pieces(value) if p in cut else [value]
+        if mesh is None:  # one transfer per variable (jnp.asarray would compile a copy for every shape)
+            pieces = jax.device_put(pieces, jax.local_devices()[0])
+        elif p in cut:
+            value.delete()  # the layers hold their own copies now
+        for var, piece in zip(variables, pieces):
+            var.set_value(piece)
+    return nnx.merge(graphdef, state)
 
 
 def _check_tokenizer(folder: Path, config: AF2Config) -> None:

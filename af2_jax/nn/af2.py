@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from af2_jax.config import AF2Config
@@ -193,48 +194,38 @@ def relayout(model: AF2Model, scan_layers: bool) -> AF2Model:
     time and each source buffer is freed once moved, so memory peaks at the model plus one stacked parameter;
     `model`'s layer arrays are gone afterwards. Shardings follow: a stacked parameter's leading `layers` axis is
     never sharded, so each layer keeps the placement of the rest of the axes."""
+    from af2_jax.checkpoint.store import is_stacked, stacked_groups, state_variables
+
     if model.scan_layers == scan_layers:
         return model
     graphdef, target = nnx.split(nnx.eval_shape(lambda: AF2Model(
         model.config, dtype=model.dtype, param_dtype=model.dtype, rngs=nnx.Rngs(0), scan_layers=scan_layers)))
-    source = dict(nnx.to_flat_state(nnx.state(model)))
-    per_layer = _layer_variables(model) if scan_layers else None
-    unstacked = {}  # rest of the path -> every layer's piece of that stacked parameter
-    for path, var in nnx.to_flat_state(target):
-        if path[0] != "layers":
-            var.set_value(source[path][...])
-        elif scan_layers:  # target ('layers', *rest) from ('layers', i, *rest)
-            parts = [v[...] for v in per_layer[path[1:]]]
-            var.set_value(_stack(parts))
-            for part in parts:
-                part.delete()
-        else:  # target ('layers', i, *rest) from ('layers', *rest)[i]
-            if path[2:] not in unstacked:
-                stacked = source[("layers", *path[2:])][...]
-                unstacked[path[2:]] = _unstack(stacked)
-                stacked.delete()
-            var.set_value(unstacked[path[2:]][path[1]])
+    sources = stacked_groups(state_variables(nnx.state(model)))
+    for path, targets in stacked_groups(state_variables(target)).items():
+        values = [var[...] for var in sources[path]]
+        if not is_stacked(path):
+            targets[0].set_value(values[0])
+        elif scan_layers:
+            targets[0].set_value(_stack(values))
+            for value in values:
+                value.delete()
+        else:
+            for var, value in zip(targets, layer_pieces(values[0])):
+                var.set_value(value)
+            values[0].delete()
     return nnx.merge(graphdef, target)
 
 
 def stacked_layer_arrays(model: AF2Model) -> list[tuple[str, jax.Array, nnx.Variable]]:
     """(dotted path in the stacked layout, stacked value, layer 0's variable) for every layer parameter of an
     unstacked model: new arrays, built one parameter at a time (checkpoints are always written stacked)."""
-    return [(".".join(map(str, ("layers", *path))), _stack([v[...] for v in variables]), variables[0])
-            for path, variables in _layer_variables(model).items()]
+    from af2_jax.checkpoint.store import is_stacked, model_variables, stacked_groups
+
+    return [(path, _stack([v[...] for v in variables]), variables[0])
+            for path, variables in stacked_groups(model_variables(model)).items() if is_stacked(path)]
 
 
-def _layer_variables(model: AF2Model) -> dict[tuple, list[nnx.Variable]]:
-    """An unstacked model's layer parameters: path inside a layer -> that parameter's variable in every layer, in
-    layer order."""
-    per_layer = {}
-    for layer in model.layers:
-        for path, var in nnx.to_flat_state(nnx.state(layer)):
-            per_layer.setdefault(path, []).append(var)
-    return per_layer
-
-
-def _layer_sharding(sharding, stacked: bool):
+def layer_sharding(sharding, stacked: bool):
     """The sharding of a layer parameter after adding (stacked=True) or removing its leading `layers` axis."""
     if not isinstance(sharding, jax.sharding.NamedSharding):
         return sharding
@@ -243,9 +234,13 @@ def _layer_sharding(sharding, stacked: bool):
                                                                                    else spec[1:])))
 
 
+def layer_pieces(stacked) -> list:
+    """A stacked layer parameter cut into its layers: views of a host (numpy) array, or device arrays that keep the
+    placement of the other axes."""
+    if isinstance(stacked, np.ndarray):
+        return list(stacked)
+    return list(jax.jit(tuple, out_shardings=layer_sharding(stacked.sharding, stacked=False))(stacked))
+
+
 def _stack(parts):
-    return jax.jit(jnp.stack, out_shardings=_layer_sharding(parts[0].sharding, stacked=True))(parts)
-
-
-def _unstack(stacked):
-    return jax.jit(tuple, out_shardings=_layer_sharding(stacked.sharding, stacked=False))(stacked)
+    return jax.jit(jnp.stack, out_shardings=layer_sharding(parts[0].sharding, stacked=True))(parts)
