@@ -74,7 +74,11 @@ def setup_logging(fmt: str = "%(message)s", level: int = logging.INFO) -> None:
     backend-probing noise is dropped (only that: its other warnings stay); absl (Orbax) speaks from WARNING up."""
     handler = _TqdmSafeHandler(sys.stderr)
     handler.setFormatter(_LevelPrefix(fmt))
-    logging.basicConfig(level=level, handlers=[handler], force=True)
+    root = logging.getLogger()
+    for earlier in [h for h in root.handlers if isinstance(h, _TqdmSafeHandler)]:  # main() called again
+        root.removeHandler(earlier)
+    root.addHandler(handler)  # other handlers stay (a host application's, pytest's)
+    root.setLevel(level)
     logging.getLogger("absl").setLevel(logging.WARNING)
     bridge = logging.getLogger("jax._src.xla_bridge")
     if not any(isinstance(f, _JaxStartupNoise) for f in bridge.filters):
