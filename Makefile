@@ -7,16 +7,17 @@ EXAMPLE := infer/examples/three_beeps.flac
 
 .PHONY: demo test test-all system-deps clean
 
+# pip's and the build backend's notices go to $(VENV)/install.log, shown only when an install fails.
 $(PY):
 	$(PYTHON) -m venv $(VENV) || ($(PYTHON) -m pip install --user virtualenv && $(PYTHON) -m virtualenv $(VENV))
-	$(PIP) install -q --upgrade pip
+	$(PIP) install -q --upgrade pip 2> $(VENV)/install.log || { cat $(VENV)/install.log >&2; exit 1; }
 
 $(VENV)/.installed: pyproject.toml constraints.txt | $(PY)
-	$(PIP) install -q -c constraints.txt -e .
+	$(PIP) install -q -c constraints.txt -e . 2> $(VENV)/install.log || { cat $(VENV)/install.log >&2; exit 1; }
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PIP) install -q -c constraints.txt -e ".[test]"
+	$(PIP) install -q -c constraints.txt -e ".[test]" 2> $(VENV)/install.log || { cat $(VENV)/install.log >&2; exit 1; }
 	touch $@
 
 # The main job: the embedded demo model answers a question about the bundled clip.
