@@ -1,6 +1,6 @@
 """Configuration of every AF2 component as frozen dataclasses, with presets for the released sizes.
 
-Values follow AF2_SPEC sections 1.2, 2 and 3; names follow the original where it has one.
+Values are the original's (docs/original.md); names follow the original where it has one.
 `AF2Config.to_dict` / `AF2Config.from_dict` round-trip through JSON; `AF2Config.from_original_config`
 reads the schema of the original YAML / the fixtures' `config.json`.
 """
@@ -17,7 +17,8 @@ MAX_WINDOWS_LIMIT = 30
 
 @dataclasses.dataclass(frozen=True)
 class AudioConfig:
-    """Waveform -> windows -> log-mel front end (AF2_SPEC 2.1-2.3)."""
+    """Waveform -> windows -> log-mel front end (docs/original.md#windows, docs/original.md#log-mel): windows of
+    `window_samples` (160000) float32 samples, each giving `n_frames` x `n_mels` (1001 x 64) float32 log-mel."""
 
     sample_rate: int = 16000
     window_seconds: float = 10.0
@@ -42,7 +43,8 @@ class AudioConfig:
 
 @dataclasses.dataclass(frozen=True)
 class HTSATConfig:
-    """HTSAT Swin encoder (AF2_SPEC 3.1). `embed_dim * 2**(stages-1)` is the output width D."""
+    """HTSAT Swin encoder (docs/original.md#htsat): log-mel `(..., 1001, n_mels)` -> `(..., tokens_per_window,
+    num_features)` tokens; `num_features = embed_dim * 2**(stages-1)` is the output width D."""
 
     spec_size: int = 256
     patch_size: int = 4
@@ -76,7 +78,8 @@ class HTSATConfig:
 
 @dataclasses.dataclass(frozen=True)
 class AudioTransformerConfig:
-    """Post-LN transformer over all audio tokens of a clip (AF2_SPEC 3.2)."""
+    """Post-LN transformer over all audio tokens of a clip (docs/original.md#audio-transformer): `(B, S, d_model)`
+    -> `(B, S, d_model)`; `n_heads` heads of `d_head`, rotary on the first `rotary_dim` channels of each."""
 
     d_model: int = 2048
     n_heads: int = 8
@@ -85,7 +88,7 @@ class AudioTransformerConfig:
     rotary_base: float = 4096.0
     layer_norm_eps: float = 1e-6
     key_mask_fill: float = -1e9
-    # Hard-coded attention-probability dropout of the original (Q30), train mode only.
+    # Hard-coded attention-probability dropout of the original (docs/original.md#attn-dropout), train mode only.
     attn_dropout: float = 0.1
 
     @property
@@ -99,7 +102,8 @@ class AudioTransformerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CrossAttentionConfig:
-    """Gated cross-attention block before decoder layers (AF2_SPEC 3.3)."""
+    """Gated cross-attention block before decoder layers (docs/original.md#cross-attention): `heads` x `dim_head`
+    inner width, feed-forward `ff_mult` x the LM's hidden size."""
 
     heads: int = 8
     dim_head: int = 64
@@ -114,7 +118,8 @@ class CrossAttentionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LMConfig:
-    """Qwen2.5 decoder (AF2_SPEC 3.5); `vocab_size` is the size after AF2's resize."""
+    """Qwen2.5 decoder (docs/original.md#qwen2-layer); `vocab_size` is the size after AF2's resize
+    (docs/original.md#vocab-resize)."""
 
     vocab_size: int = 151669
     hidden_size: int = 2048
@@ -134,7 +139,7 @@ class LMConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SpecialTokens:
-    """Ids of AF2's special tokens (AF2_SPEC 3.6). Never hard-code these elsewhere."""
+    """Ids of AF2's special tokens (docs/original.md#tokens). Never hard-code these elsewhere."""
 
     media: int = 151665  # <audio>
     end_of_chunk: int = 151666  # <|endofchunk|>
@@ -145,6 +150,9 @@ class SpecialTokens:
 
 @dataclasses.dataclass(frozen=True)
 class AF2Config:
+    """The whole model: one section per component, the special token ids and the prompt length limit. Checked when
+    built: HTSAT's output width must equal the audio transformer's, and `audio.max_windows` must be in 1..30."""
+
     audio: AudioConfig = AudioConfig()
     htsat: HTSATConfig = HTSATConfig()
     audio_transformer: AudioTransformerConfig = AudioTransformerConfig()
@@ -319,7 +327,7 @@ def _lm(hidden, intermediate, layers, heads, kv_heads, positions=32768) -> LMCon
                     num_heads=heads, num_kv_heads=kv_heads, max_position_embeddings=positions)
 
 
-# The released sizes differ only in the Qwen2.5 LM (AF2_SPEC 3.6); the audio side is identical.
+# The released sizes differ only in the Qwen2.5 LM (docs/original.md#sizes); the audio side is identical.
 PRESETS: dict[str, AF2Config] = {
     "af2-3b": AF2Config(lm=_lm(2048, 11008, 36, 16, 2)),
     "af2-1.5b": AF2Config(lm=_lm(1536, 8960, 28, 12, 2, positions=131072)),  # Qwen2.5-1.5B's own config

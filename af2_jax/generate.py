@@ -35,6 +35,8 @@ MIN_PROMPT_BUCKET = 16
 
 
 class GenerateOutput(NamedTuple):
+    """What `generate` returns, on the host."""
+
     tokens: np.ndarray  # (B, N) new tokens; after a row's EOS, the pad id
     lengths: np.ndarray  # (B,) new tokens per row, its EOS included
     timings: dict  # seconds: compile_s (0 when every program was cached), encode_s (audio), decode_s (text)

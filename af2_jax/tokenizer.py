@@ -1,4 +1,5 @@
-"""The Qwen2.5 tokenizer with AF2's four added tokens, the prompt template and answer extraction (AF2_SPEC 3.6, 5).
+"""The Qwen2.5 tokenizer with AF2's four added tokens (docs/original.md#tokens), the prompt template
+(docs/original.md#prompt-template) and answer extraction (docs/original.md#answer-extraction).
 
 Sources, in order of preference: a checkpoint's `tokenizer/` folder (written by the converter), any folder with a
 Hugging Face `tokenizer.json` (e.g. a download of Qwen/Qwen2.5-3B), or, offline, a rebuild from the Qwen2/2.5 base
@@ -122,7 +123,12 @@ def build_qwen25_tokenizer_json(tiktoken_file: Path | None = None):
 
 
 class AF2Tokenizer:
-    """Qwen2.5 + AF2 tokens: encoding, decoding, the prompt template and answer extraction."""
+    """Qwen2.5 + AF2 tokens: encoding, decoding, the prompt template and answer extraction.
+
+    `encode(text)` -> `list[int]` (no BOS); `decode(ids)` -> `str`; `prompt_ids(question)` -> at most
+    `max_prompt_tokens` ids, `<audio>` first and `<SEP>` last; `answer(prompt_ids, new_ids)` -> `str`. `backend` is a
+    `tokenizers.Tokenizer`; its ids of AF2's tokens must equal `tokens` (the model config's), checked here.
+    """
 
     def __init__(self, backend, tokens: SpecialTokens = SpecialTokens(), max_prompt_tokens: int = 512):
         self.backend = backend
@@ -144,9 +150,9 @@ class AF2Tokenizer:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def prompt_ids(self, question: str) -> list[int]:
-        """`<audio>` + question.lower().strip() + `<SEP>` (AF2_SPEC 5.1), at most `max_prompt_tokens` long: a longer
-        question is cut, never the template. The original cut the whole sequence, which loses `<SEP>`, and the
-        answer (what follows the last `<SEP>`) then became the prompt itself."""
+        """`<audio>` + question.lower().strip() + `<SEP>` (docs/original.md#prompt-template), at most
+        `max_prompt_tokens` long: a longer question is cut, never the template. The original cut the whole sequence,
+        which loses `<SEP>`, and the answer (what follows the last `<SEP>`) then became the prompt itself."""
         text = question.lower().strip()
         if not text:
             raise TokenizerError("the prompt is empty; ask a question about the audio")
@@ -161,18 +167,18 @@ class AF2Tokenizer:
         return ids
 
     def answer(self, prompt_ids, new_ids) -> str:
-        """The answer as the original extracts it (AF2_SPEC 5.2): decode prompt + generation with special tokens,
-        keep what follows the last `<SEP>`, delete `<|endoftext|>`, `<|PAD_TOKEN|>` and `<|endofchunk|>`; we also
-        strip surrounding whitespace."""
+        """The answer as the original extracts it (docs/original.md#answer-extraction): decode prompt + generation
+        with special tokens, keep what follows the last `<SEP>`, delete `<|endoftext|>`, `<|PAD_TOKEN|>` and
+        `<|endofchunk|>`; we also strip surrounding whitespace."""
         text = self.decode(list(prompt_ids) + list(new_ids)).split("<SEP>")[-1]
         for marker in ("<|endoftext|>", "<|PAD_TOKEN|>", "<|endofchunk|>"):
             text = text.replace(marker, "")
         return text.strip()
 
     def transformers_config(self) -> dict:
-        """The `tokenizer_config.json` of this tokenizer: the original's settings (AF2_SPEC 3.6: Qwen2.5's class,
-        no BOS, `<|endoftext|>` as EOS, AF2's pad and sep tokens, `<audio>` and `<|endofchunk|>` as its additional
-        special tokens) with every token string read from the backend at the ids of `self.tokens`."""
+        """The `tokenizer_config.json` of this tokenizer: the original's settings (docs/original.md#tokens: Qwen2.5's
+        class, no BOS, `<|endoftext|>` as EOS, AF2's pad and sep tokens, `<audio>` and `<|endofchunk|>` as its
+        additional special tokens) with every token string read from the backend at the ids of `self.tokens`."""
         token = self.backend.id_to_token
         added = self.backend.get_added_tokens_decoder()
         return {

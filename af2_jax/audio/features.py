@@ -1,4 +1,5 @@
-"""Device-side audio features: log-mel (AF2_SPEC 2.3), the bicubic time resize and the image fold (2.4).
+"""Device-side audio features: log-mel (docs/original.md#log-mel), the bicubic time resize
+(docs/original.md#bicubic-resize) and the image fold (docs/original.md#image-fold).
 
 Everything here is a pure jnp function, jit-able and batched over any leading axes. The constant matrices (window,
 mel filterbank, resize) are built once in numpy (float64, then cast) and cached per configuration.

@@ -1,5 +1,6 @@
 """Host-side audio loading: decode, channel policy, resample to 16 kHz, peak normalisation, int16 round trip,
-10 s windows (AF2_SPEC 2.1-2.2), and batch collation.
+10 s windows, and batch collation. The original's rules: docs/original.md#audio-loading and the entries after it;
+ours, rule by rule: docs/audio.md.
 
 Deviations from the original, all deliberate:
 - mp3 is decoded by soundfile (libsndfile) and resampled by soxr_hq like every other format; the original used
@@ -204,7 +205,8 @@ def resample(samples: np.ndarray, orig_rate: int, target_rate: int) -> np.ndarra
 
 def read_audio(path, *, max_seconds: float | None = None, sample_rate: int = 16000,
                start_seconds: float = 0.0) -> tuple[np.ndarray, float]:
-    """Decodes `path` into mono float64 at `sample_rate`, peak-normalised as the original (AF2_SPEC 2.1).
+    """Decodes `path` into mono float64 at `sample_rate`, peak-normalised as the original
+    (docs/original.md#audio-loading).
     Reading starts `start_seconds` into the file (a manifest item's `audio_start`).
 
     Returns `(samples, total_seconds)`; `total_seconds` is the duration of the whole file, so callers can report
@@ -237,7 +239,7 @@ def read_audio(path, *, max_seconds: float | None = None, sample_rate: int = 160
 
 def _peak_normalise(x: np.ndarray, path) -> np.ndarray:
     """The original always rescales so the largest magnitude is 1; non-negative signals are mapped to [-1, 1]
-    with a DC shift (Q17). An all-zero signal stays zero instead of becoming NaN."""
+    with a DC shift (docs/original.md#peak-normalisation). An all-zero signal stays zero instead of becoming NaN."""
     peak = float(np.max(np.abs(x))) if x.size else 0.0
     if peak == 0.0:
         log.warning("%s: the audio is all zeros (silent); it is kept silent", path)
@@ -248,13 +250,14 @@ def _peak_normalise(x: np.ndarray, path) -> np.ndarray:
 
 
 def int16_round_trip(x: np.ndarray) -> np.ndarray:
-    """clip to [-1, 1], scale by 32767, truncate toward zero to int16, divide by 32767 (float64 math, float32 out)."""
+    """clip to [-1, 1], scale by 32767, truncate toward zero to int16, divide by 32767 (float64 math, float32 out),
+    as the original (docs/original.md#int16-round-trip)."""
     q = (np.clip(x, -1.0, 1.0) * 32767.0).astype(np.int16)
     return (q / 32767.0).astype(np.float32)
 
 
 def num_windows(num_samples: int, window_samples: int, max_windows: int) -> int:
-    """Window count of a clip of `num_samples` (AF2_SPEC 2.2, no overlap)."""
+    """Window count of a clip of `num_samples` (docs/original.md#windows, no overlap)."""
     if num_samples <= window_samples:
         return 1
     return min(max_windows, 1 + math.ceil((num_samples - window_samples) / window_samples))
@@ -263,7 +266,7 @@ def num_windows(num_samples: int, window_samples: int, max_windows: int) -> int:
 def split_windows(samples: np.ndarray, *, window_samples: int, max_windows: int) -> tuple[np.ndarray, np.ndarray]:
     """Zero-pads `samples` to whole windows, applies the int16 round trip and cuts `(W, window_samples)`.
 
-    Every window of the clip, a partly padded last one included, gets mask 1 (Q19).
+    Every window of the clip, a partly padded last one included, gets mask 1 (docs/original.md#padded-window-mask).
     """
     count = num_windows(len(samples), window_samples, max_windows)
     padded = np.zeros(count * window_samples, dtype=np.float64)

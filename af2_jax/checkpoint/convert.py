@@ -87,6 +87,9 @@ def _abstract_model(config: AF2Config):
 
 @dataclasses.dataclass
 class Inspection:
+    """What the header check (`inspect`, the `--dry-run`) found: the configuration, how names map onto the model, the
+    parameter count and the size of the converted parameters in bytes."""
+
     config: AF2Config
     report: object
     parameters: int

@@ -24,6 +24,8 @@ CANONICAL_CLAP_PREFIX = "clap.nvclap."
 
 @dataclasses.dataclass(frozen=True)
 class Transform:
+    """How a tensor's layout differs between the original and NNX, both ways, for values and for shapes."""
+
     name: str
     to_jax: Callable[[np.ndarray], np.ndarray]
     to_torch: Callable[[np.ndarray], np.ndarray]
@@ -55,6 +57,8 @@ def _rewrite(name: str, pattern: str, replacement: str) -> str | None:
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
+    """One key-map rule: an original name template, the NNX path template it maps to, and the layout transform."""
+
     source: str  # original name template
     target: str  # NNX path template (dot-separated)
     transform: Transform = IDENTITY
@@ -155,8 +159,9 @@ LM_RULES: tuple[Rule, ...] = (
 
 RULES = HTSAT_RULES + AUDIO_TRANSFORMER_RULES + LM_RULES
 
-# Second names of the same tensors in a full state_dict (AF2_SPEC 4.3): alias template -> canonical template. When
-# the original loads a checkpoint the alias is loaded last, so its value is the one the model ends up with.
+# Second names of the same tensors in a full state_dict (docs/original.md#alias-keys): alias template -> canonical
+# template. When the original loads a checkpoint the alias is loaded last, so its value is the one the model ends up
+# with.
 ALIASES: tuple[tuple[str, str], ...] = (
     ("lang_encoder.lm_head.weight", "lang_encoder.model.embed_tokens.weight"),
     ("lang_encoder.old_decoder_blocks.{i}.{rest}", "lang_encoder.model.layers.{i}.decoder_layer.{rest}"),
@@ -183,8 +188,8 @@ _CONSTANT_PATTERNS: tuple[tuple[re.Pattern, str], ...] = (
     (re.compile(re.escape(_AT) + r"position_enc\.inv_freq"), "inv_freq"),
 )
 
-# Tensors in the release that no inference computation reads (AF2_SPEC 4.4, Q4). They are kept aside (never in the
-# model's parameters) so an export can restore them.
+# Tensors in the release that no inference computation reads (docs/original.md#dead-at-inference). They are kept
+# aside (never in the model's parameters) so an export can restore them.
 DEAD_PATTERNS: tuple[re.Pattern, ...] = tuple(re.compile(re.escape(_ENC) + p) for p in (
     r"spectrogram_extractor\..+",  # torchlibrosa STFT bases
     r"logmel_extractor\..+",  # torchlibrosa Slaney mel matrix

@@ -174,7 +174,7 @@ def tensors_equal(ckpt: SafetensorsCheckpoint, a: str, b: str) -> bool:
 
 def resolve_aliases(ckpt: SafetensorsCheckpoint, report: MappingReport, *, allow_mismatch: bool = False) -> None:
     """Checks every alias twin equal to its canonical tensor. A pair that differs is an error, unless
-    `allow_mismatch`: then the alias wins, as in the original loader (AF2_SPEC 4.3)."""
+    `allow_mismatch`: then the alias wins, as in the original loader (docs/original.md#alias-keys)."""
     source_of = {name: target for target, (name, _) in report.assignments.items()}
     for alias, twin in report.aliases.items():
         if twin not in ckpt or tensors_equal(ckpt, alias, twin):

@@ -38,6 +38,8 @@ class CheckpointError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class TensorInfo:
+    """Where one tensor of a safetensors file lies: the file, dtype, shape and absolute byte range `[start, end)`."""
+
     file: Path
     dtype: np.dtype
     shape: tuple[int, ...]

@@ -33,7 +33,8 @@ RESIDUAL = ("batch", "length", "embed")
 
 
 class FlamingoLayer(nnx.Module):
-    """One LM layer of AF2: the gated cross-attention block, then the unchanged Qwen2 decoder layer."""
+    """One LM layer of AF2: the gated cross-attention block, then the unchanged Qwen2 decoder layer. `AF2Model` calls
+    the two (`xattn`, then `decoder`) itself, so this holder has no `__call__`."""
 
     def __init__(self, config: AF2Config, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.xattn = GatedCrossAttention(config.lm.hidden_size, config.audio_transformer.d_model,
@@ -42,11 +43,26 @@ class FlamingoLayer(nnx.Module):
 
 
 class Intermediates(NamedTuple):
+    """Every layer's residual streams, from `AF2Model(..., return_intermediates=True)`."""
+
     xattn_out: jax.Array  # (layers, B, T, hidden): residual stream after each cross-attention block
     lm_layer_out: jax.Array  # (layers, B, T, hidden): residual stream after each decoder layer
 
 
 class AF2Model(nnx.Module):
+    """Audio Flamingo 2: HTSAT -> audio transformer -> N x (gated cross-attention + Qwen2 decoder layer) -> RMSNorm
+    -> output projection tied to the embedding. D is the audio width (2048), V the vocabulary.
+
+    - `encode_windows(audio_x)`: float32 windows `(B, L, 160000)` -> HTSAT tokens `(B, L, 64, D)`.
+    - `encode_audio(audio_x, audio_x_mask)`: windows and their mask `(B, L)` (1 = real window) -> media
+      `(B, L*64, D)` in the compute dtype and the media mask `(B, L*64)`.
+    - `__call__(input_ids, attention_mask, media, media_mask)`: int ids `(B, T)`, attention mask `(B, T)`
+      (1 = token) -> float32 logits `(B, T, V)`.
+    - `hidden_states`, `media_kv`, `init_cache`, `cached_step`, `logits`: the pieces generation and training use.
+
+    `dtype` is the compute dtype and `param_dtype` the parameters'; `scan_layers` picks the stacked or the unstacked
+    layout of the layers (module docstring)."""
+
     def __init__(self, config: AF2Config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs,
                  scan_layers: bool = True):
         if config.cross_attention.every_n_layers != 1:

@@ -1,9 +1,11 @@
-"""The audio transformer (`audio_transformer_clap`, AF2_SPEC 3.2): post-LN encoder layers over all audio tokens of a
-clip, rotary positions along the global token axis.
+"""The audio transformer (`audio_transformer_clap`, docs/original.md#audio-transformer): post-LN encoder layers over
+all audio tokens of a clip, rotary positions along the global token axis (docs/original.md#rotary-positions).
 
-Literal to the original: the input is scaled by sqrt(d_model) and then LayerNorm'ed (Q8); attention has no biases;
-rotary (base 4096, "rotate half") covers the first `max(d_head // 2, 32)` channels of each head; keys of masked windows
-are overwritten with -1e9 before the softmax (Q9), so a row with every key masked attends uniformly instead of NaN.
+Literal to the original: the input is scaled by sqrt(d_model) and then LayerNorm'ed
+(docs/original.md#scale-then-norm); attention has no biases; rotary (base 4096, "rotate half") covers the first
+`max(d_head // 2, 32)` channels of each head (docs/original.md#rotary-partial); keys of masked windows are
+overwritten with -1e9 before the softmax (docs/original.md#mask-fill-values), so a row with every key masked attends
+uniformly instead of NaN.
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ def apply_rotary(x, cos, sin):
 
 
 class EncoderLayer(nnx.Module):
+    """One post-LN layer: self-attention with partial rotary, then a ReLU FFN, each added to its input and
+    LayerNorm'ed. `(B, S, D)` -> `(B, S, D)` in the module's dtype; logits and softmax in float32."""
+
     def __init__(self, cfg: AudioTransformerConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.cfg = cfg
         d = cfg.d_model
@@ -67,7 +72,8 @@ class EncoderLayer(nnx.Module):
 
     def __call__(self, x, key_mask, cos, sin, dropout_key=None):
         """x `(B, S, D)`; key_mask `(B, S)` (nonzero = attend); cos/sin `(1, S, rotary_dim)`. With a
-        `dropout_key`, attention probabilities are dropped at `cfg.attn_dropout` (train mode, Q30)."""
+        `dropout_key`, attention probabilities are dropped at `cfg.attn_dropout` (train mode,
+        docs/original.md#attn-dropout)."""
         cfg = self.cfg
         b, s, _ = x.shape
         heads = lambda t: t.reshape(b, s, cfg.n_heads, cfg.d_head)  # noqa: E731
@@ -87,7 +93,8 @@ class EncoderLayer(nnx.Module):
 
 
 class AudioTransformer(nnx.Module):
-    """`(B, S, D)` audio tokens and a `(B, S)` mask -> `(B, S, D)` media for the cross-attention."""
+    """`(B, S, D)` audio tokens and a `(B, S)` mask (nonzero = real token) -> `(B, S, D)` media for the
+    cross-attention, in the module's dtype."""
 
     def __init__(self, cfg: AudioTransformerConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
                  rngs: nnx.Rngs):
@@ -98,7 +105,8 @@ class AudioTransformer(nnx.Module):
                                 for _ in range(cfg.n_layers)])
 
     def __call__(self, tokens, mask, dropout_key=None):
-        """`dropout_key` (train mode only) turns on the attention dropout of the original (Q30)."""
+        """`dropout_key` (train mode only) turns on the attention dropout of the original
+        (docs/original.md#attn-dropout)."""
         cfg = self.cfg
         x = self.input_norm(tokens * jnp.asarray(cfg.d_model ** 0.5, tokens.dtype))
         cos, sin = rotary_cos_sin(jnp.arange(x.shape[1])[None], cfg.rotary_dim, cfg.rotary_base)

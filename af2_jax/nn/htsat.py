@@ -1,13 +1,13 @@
-"""HTSAT, the Swin-transformer audio encoder of AF-CLAP, in its inference form (AF2_SPEC 2.4, 3.1).
+"""HTSAT, the Swin-transformer audio encoder of AF-CLAP, in its inference form (docs/original.md#htsat).
 
 mel `(..., 1001, 64)` -> bn0 (eval statistics) -> bicubic time resize to 1024 -> 256x256 image -> 4x4 patch embedding
 -> 4 Swin stages (window attention with relative position bias, shifted windows with the -100 mask, patch merging)
 -> final LayerNorm -> 64 tokens per window, regrouped frequency-half-major as the original hands them to AF2.
 
-Left out because they are dead at inference (Q4): the AFF fusion branch (`patch_embed.mel_conv2d`,
-`patch_embed.fusion_model`), the torchlibrosa STFT / mel extractors and the `tscam_conv` / `head` classifier; their
-tensors are kept aside by the checkpoint converter. Constant buffers (`relative_position_index`, `attn_mask`) are
-recomputed here, never loaded.
+Left out because they are dead at inference (docs/original.md#dead-at-inference): the AFF fusion branch
+(`patch_embed.mel_conv2d`, `patch_embed.fusion_model`), the torchlibrosa STFT / mel extractors and the `tscam_conv` /
+`head` classifier; their tensors are kept aside by the checkpoint converter. Constant buffers
+(`relative_position_index`, `attn_mask`) are recomputed here, never loaded (docs/original.md#constant-buffers).
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from af2_jax.config import AudioConfig, HTSATConfig
 from af2_jax.nn.layers import layer_norm, linear, named
 from af2_jax.sharding import constrain
 
-# Additive logit penalty between tokens from different regions of a shifted window (the original uses -100, not -inf).
+# Additive logit penalty between tokens from different regions of a shifted window (the original uses -100, not -inf:
+# docs/original.md#shift-mask).
 SHIFT_MASK_VALUE = -100.0
 
 
@@ -71,7 +72,8 @@ def _merge(x, resolution: int):
 
 
 class WindowAttention(nnx.Module):
-    """Multi-head self-attention inside each window, with a learned relative position bias."""
+    """Multi-head self-attention inside each window, with a learned relative position bias: windows
+    `(N, nW, w*w, C)` -> the same shape, logits and softmax in float32."""
 
     def __init__(self, dim: int, heads: int, window: int, qkv_bias: bool, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.heads = heads
@@ -104,11 +106,13 @@ class WindowAttention(nnx.Module):
 
 
 class SwinBlock(nnx.Module):
-    """Pre-norm Swin block: (shifted) window attention and a GELU MLP, each with a residual."""
+    """Pre-norm Swin block: (shifted) window attention and a GELU MLP, each with a residual. `(N, R, R, C)` -> the
+    same shape."""
 
     def __init__(self, dim: int, resolution: int, heads: int, shift: int, cfg: HTSATConfig, *, dtype, param_dtype,
                  rngs: nnx.Rngs):
-        # A grid no larger than the window is one window, and then nothing is shifted (Q22).
+        # A grid no larger than the window is one window, and then nothing is shifted
+        # (docs/original.md#last-stage-unshifted).
         self.window = min(cfg.window_size, resolution)
         self.shift = 0 if resolution <= cfg.window_size else shift
         self.resolution = resolution
@@ -142,7 +146,8 @@ class SwinBlock(nnx.Module):
 
 
 class PatchMerging(nnx.Module):
-    """2x2 neighbourhoods concatenated (order: (0,0), (1,0), (0,1), (1,1) as (row, col)), LayerNorm, 4C -> 2C."""
+    """2x2 neighbourhoods concatenated (order: (0,0), (1,0), (0,1), (1,1) as (row, col)), LayerNorm, 4C -> 2C:
+    `(N, R, R, C)` -> `(N, R/2, R/2, 2C)`."""
 
     def __init__(self, dim: int, cfg: HTSATConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.norm = layer_norm(4 * dim, axis_name="htsat_embed", eps=cfg.layer_norm_eps, dtype=dtype,
@@ -156,6 +161,9 @@ class PatchMerging(nnx.Module):
 
 
 class SwinStage(nnx.Module):
+    """One Swin stage: its blocks (every odd one shifted by half a window), then patch merging except after the last
+    stage. `(N, R, R, C)` -> `(N, R/2, R/2, 2C)`; the last stage keeps the shape."""
+
     def __init__(self, stage: int, cfg: HTSATConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         dim = cfg.embed_dim * 2 ** stage
         resolution = cfg.patch_grid // 2 ** stage
@@ -175,7 +183,10 @@ class SwinStage(nnx.Module):
 
 
 class HTSAT(nnx.Module):
-    """The audio encoder. `__call__(mel)` maps `(..., frames, n_mels)` log-mel to `(..., tokens, num_features)`."""
+    """The audio encoder. `__call__(mel)` maps float32 log-mel `(..., 1001, 64)` to tokens `(..., 64, num_features)`
+    in the module's dtype (64 x 2048 per window in the releases), in the original's order
+    (docs/original.md#token-order). Its two halves: `image` (mel -> float32 `(..., 256, 256)`) and `encode_image`
+    (image -> tokens)."""
 
     def __init__(self, cfg: HTSATConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         if cfg.spec_size // cfg.freq_ratio != cfg.n_mels:

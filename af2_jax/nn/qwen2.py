@@ -1,5 +1,5 @@
-"""Qwen2 / Qwen2.5 decoder layer (AF2_SPEC 3.5): RMSNorm with float32 statistics, grouped-query attention with
-biases on q/k/v only, RoPE on the full head ("rotate half"), SwiGLU MLP."""
+"""Qwen2 / Qwen2.5 decoder layer (docs/original.md#qwen2-layer): RMSNorm with float32 statistics, grouped-query
+attention with biases on q/k/v only, RoPE on the full head ("rotate half"), SwiGLU MLP."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from af2_jax.nn.layers import linear, named
 
 
 class RMSNorm(nnx.Module):
-    """`weight * (x * rsqrt(mean(x^2) + eps))`, statistics in float32 and cast back before the weight (as HF)."""
+    """`weight * (x * rsqrt(mean(x^2) + eps))`, statistics in float32 and cast back before the weight (as HF).
+    `(..., dim)` -> the same shape and dtype."""
 
     def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.eps = eps
@@ -41,6 +42,10 @@ def apply_rope(x, cos, sin):
 
 
 class Qwen2Attention(nnx.Module):
+    """Grouped-query self-attention with RoPE: x `(B, T, hidden)` -> `(B, T, hidden)` in the module's dtype.
+    cos/sin `(B, T, head_dim)` float32; mask `(B, T, S)` boolean (True = may attend); keys and values
+    `(B, num_kv_heads, S, head_dim)` are the call's own (S = T) or a KV cache's (`cached`). Softmax in float32."""
+
     def __init__(self, cfg: LMConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.cfg = cfg
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -83,6 +88,8 @@ class Qwen2Attention(nnx.Module):
 
 
 class Qwen2MLP(nnx.Module):
+    """SwiGLU MLP without biases: `(..., hidden)` -> `(..., hidden)`."""
+
     def __init__(self, cfg: LMConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.gate_proj = linear(cfg.hidden_size, cfg.intermediate_size, axes=("embed", "mlp"), **kw)
@@ -94,6 +101,11 @@ class Qwen2MLP(nnx.Module):
 
 
 class Qwen2DecoderLayer(nnx.Module):
+    """Pre-norm Qwen2 decoder layer: x `(B, T, hidden)` -> `(B, T, hidden)` in x's dtype. `__call__` attends over
+    the call's own tokens under `mask` `(B, T, T)`; `cached` writes this call's keys/values into a KV cache
+    `(B, num_kv_heads, S_max, head_dim)` at slot `index`, attends over it under `mask` `(B, T, S_max)` and returns
+    `(x, cache_k, cache_v)`."""
+
     def __init__(self, cfg: LMConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
         self.self_attn = Qwen2Attention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)

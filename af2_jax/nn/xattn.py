@@ -1,9 +1,9 @@
-"""Gated cross-attention from text to audio (AF2_SPEC 3.3), one block before each decoder layer.
+"""Gated cross-attention from text to audio (docs/original.md#cross-attention), one block before each decoder layer.
 
 As in the reference inference code of the released weights, every text position sees every unmasked audio token of
-its row (no media-location mask, Q1/Q24). Keys and values come from the un-normalised audio; padded audio tokens are
-set to -float_max before a max-subtracted softmax. `media_kv` is separate so a sampler can compute K/V once per
-request and reuse them at every decoding step.
+its row (no media-location mask: docs/original.md#no-media-mask). Keys and values come from the un-normalised
+audio; padded audio tokens are set to -float_max before a max-subtracted softmax. `media_kv` is separate so a sampler
+can compute K/V once per request and reuse them at every decoding step.
 """
 
 from __future__ import annotations
@@ -17,6 +17,10 @@ from af2_jax.nn.layers import layer_norm, linear, named
 
 
 class GatedCrossAttention(nnx.Module):
+    """Text `x` `(B, T, dim)` attends to the audio; returns `(B, T, dim)` in x's dtype. `media_kv(media)`: media
+    `(B, S, media_dim)` -> K, V `(B, heads, S, dim_head)`; `__call__(x, K, V, media_mask)` with `media_mask` `(B, S)`
+    (nonzero = real audio). Logits and softmax in float32; `attn_gate` and `ff_gate` are `(1,)` parameters."""
+
     def __init__(self, dim: int, media_dim: int, cfg: CrossAttentionConfig, *, dtype=jnp.float32,
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.cfg = cfg

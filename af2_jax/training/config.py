@@ -153,7 +153,8 @@ class OptimSection:
     schedule: str = _one_of("constant", "the learning rate after a linear warmup from 0", "constant", "cosine")
     warmup_steps: int = _within(0, "optimizer steps of linear warmup", 0)
     end_learning_rate: float = _within(0.0, "cosine only: the learning rate at run.steps", 0)
-    weight_decay: float = _within(0.1, "AdamW decay, uniform on every trainable tensor as the original (Q28)", 0)
+    weight_decay: float = _within(0.1, "AdamW decay, uniform on every trainable tensor as the original "
+                                       "(docs/original.md#weight-decay)", 0)
     b1: float = _within(0.9, "AdamW beta1", 0, 1, high_open=True)
     b2: float = _within(0.999, "AdamW beta2", 0, 1, high_open=True)
     eps: float = _within(1e-8, "AdamW epsilon", 0, low_open=True)
@@ -164,7 +165,8 @@ class OptimSection:
     clip_every_microstep: bool = _key(True, "clip the accumulated gradient after every micro-step, as the "
                                             "original; false: once per optimizer step")
     attn_dropout: float = _within(0.0, "train-mode attention-probability dropout of the audio transformer (the "
-                                       "original's hard-coded 0.1, Q30)", 0, 1, high_open=True)
+                                       "original's hard-coded 0.1: docs/original.md#attn-dropout)",
+                                  0, 1, high_open=True)
     loss_positions: int = _within(0, "logits only at this many labelled positions per row (0: every position); "
                                      "a row with more is an error", 0)
 
@@ -196,6 +198,9 @@ class RunSection:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
+    """A run's whole configuration, one section each for `model`, `data`, `optim` and `run` (`--print-config` lists
+    every key)."""
+
     model: ModelSection = ModelSection()
     data: DataSection = DataSection()
     optim: OptimSection = OptimSection()

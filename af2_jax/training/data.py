@@ -1,4 +1,4 @@
-"""Training and validation data over manifests in the original format (DESIGN.md section 7).
+"""Training and validation data over manifests in the original format (docs/original.md#manifests).
 
 A manifest is `dataset_file_root/Name-Task/split.json`:
 `{split, split_path, flamingo_task, total_num, data: {"0": {name, prompt, output, duration[, audio_start]}}}`;
@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class Item:
+    """One example as its manifest lists it."""
+
     audio: str  # absolute or data_root-relative path
     prompt: str
     output: str

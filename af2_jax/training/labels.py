@@ -1,4 +1,5 @@
-"""Training strings and loss labels exactly as the original (AF2_SPEC 5.1 and 5.3).
+"""Training strings and loss labels exactly as the original (docs/original.md#training-string,
+docs/original.md#label-rule).
 
 `training_ids` builds `<audio>prompt<SEP>answer<|endofchunk|><|endoftext|>` and cuts it to `max_tokens`;
 `make_labels` turns padded input ids into labels where -100 means "no loss".

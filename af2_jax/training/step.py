@@ -19,7 +19,7 @@ from flax import nnx
 from af2_jax.training.config import ConfigError, OptimSection
 from af2_jax.training.labels import IGNORE
 
-# Trainable sets of the original recipes (AF2_SPEC 5.3), as regexes over NNX parameter paths.
+# Trainable sets of the original recipes (docs/original.md#training-recipe), as regexes over NNX parameter paths.
 TRAINABLE_PRESETS = {
     "pretrain": r"^(audio_transformer|layers\.xattn|embed_tokens)\.",
     "sft": r"^(audio_encoder|audio_transformer|layers\.xattn|embed_tokens)\.",
@@ -32,8 +32,8 @@ def path_str(path) -> str:
 
 
 def trainable_filter(spec: str):
-    """An NNX filter selecting the trainable parameters. BatchNorm statistics are never trained (eval-form encoder,
-    as the port of Q6)."""
+    """An NNX filter selecting the trainable parameters. BatchNorm statistics are never trained: the encoder always
+    runs in its evaluation form (docs/original.md#encoder-train-mode)."""
     try:
         pattern = re.compile(TRAINABLE_PRESETS.get(spec, spec))
     except re.error as err:
@@ -65,15 +65,17 @@ def schedule(optim: OptimSection, total_steps: int):
 
 
 def optimizer(optim: OptimSection, total_steps: int) -> optax.GradientTransformation:
-    """AdamW with torch's defaults and uniform decoupled weight decay (Q28); clipping happens before it."""
+    """AdamW with torch's defaults and uniform decoupled weight decay (docs/original.md#weight-decay); clipping
+    happens before it."""
     return optax.adamw(schedule(optim, total_steps), b1=optim.b1, b2=optim.b2, eps=optim.eps,
                        weight_decay=optim.weight_decay)
 
 
 # --- clipping ---------------------------------------------------------------------------------------------------
 def clip_group(path: str) -> str:
-    """The original clips these separately (Q28): the audio encoder, the audio transformer, every cross-attention
-    block, the embedding. Stacked LM layers (`layers.*`) form one group per layer (handled by the leading axis)."""
+    """The original clips these separately (docs/original.md#clipping): the audio encoder, the audio transformer,
+    every cross-attention block, the embedding. Stacked LM layers (`layers.*`) form one group per layer (handled by
+    the leading axis)."""
     parts = path.split(".")
     return ".".join(parts[:2]) if parts[0] == "layers" else parts[0]
 
@@ -129,12 +131,17 @@ def text_cross_entropy(model, media, media_mask, batch, *, remat: bool = False, 
 
 
 class TrainState(NamedTuple):
+    """What the train step carries from one step to the next (donated)."""
+
     params: Any  # trainable parameters (nnx.State), float32
     opt_state: Any
     step: jax.Array
 
 
 class StepMetrics(NamedTuple):
+    """One optimizer step's scalars: the loss (mean over micro-batches of each one's mean token loss), the global
+    gradient norm before clipping, the labelled tokens and the learning rate used."""
+
     loss: jax.Array
     grad_norm: jax.Array
     tokens: jax.Array
