@@ -9,10 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 from typing import Any, Mapping
 
 # Upper limit on 10 s windows per clip: 5 minutes. The released configs use 12 (120 s).
 MAX_WINDOWS_LIMIT = 30
+
+
+def check_max_windows(count: int, label: str = "max_windows=") -> None:
+    """The one check of a clip's window count (1..MAX_WINDOWS_LIMIT); `label` names the setting as the user wrote it
+    (`max_windows=`, `--max-windows `)."""
+    if not 1 <= count <= MAX_WINDOWS_LIMIT:
+        raise ValueError(f"{label}{count} is outside 1..{MAX_WINDOWS_LIMIT} ({MAX_WINDOWS_LIMIT} windows = 5 minutes)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,8 +174,7 @@ class AF2Config:
             raise ValueError(
                 f"HTSAT output width {self.htsat.num_features} != audio transformer width "
                 f"{self.audio_transformer.d_model}; set embed_dim * 2**(stages-1) equal to d_model")
-        if not 1 <= self.audio.max_windows <= MAX_WINDOWS_LIMIT:
-            raise ValueError(f"max_windows={self.audio.max_windows} is outside 1..{MAX_WINDOWS_LIMIT}")
+        check_max_windows(self.audio.max_windows)
 
     # --- JSON round trip -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -340,4 +347,13 @@ def preset(name: str) -> AF2Config:
         return PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}") from None
+
+
+def resolve_model_config(model: str) -> AF2Config:
+    """What a `--model` argument names: a preset, or a config.json in our schema or the original's."""
+    if model in PRESETS:
+        return PRESETS[model]
+    if Path(model).is_file():
+        return AF2Config.from_file(model)
+    raise ValueError(f"--model {model!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a config file")
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from af2_jax.sharding import activation_sharding
+from af2_jax.sharding import activation_sharding, batch_sharding, data_parallel_size
 
 log = logging.getLogger(__name__)
 
@@ -190,10 +190,9 @@ def generate(model, input_ids, attention_mask, audio_x, audio_x_mask, max_new_to
     ids, mask = _left_pad(np.asarray(input_ids), np.asarray(attention_mask), pad)
     audio, audio_mask = _pad_windows(np.asarray(audio_x, np.float32), np.asarray(audio_x_mask, np.float32))
     rows = ids.shape[0]
-    data_axes = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
-    ids, mask, audio, audio_mask = _pad_rows(bucket_rows(max(rows, data_axes)), ids, mask, audio, audio_mask)
+    ids, mask, audio, audio_mask = _pad_rows(bucket_rows(max(rows, data_parallel_size(mesh))), ids, mask, audio,
+                                             audio_mask)
     if mesh is not None:
-        from af2_jax.sharding import batch_sharding
 
         ids, mask, audio, audio_mask = (jax.device_put(a, batch_sharding(mesh, a.shape[0], a.ndim))
                                         for a in (ids, mask, audio, audio_mask))

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from af2_jax.checkpoint.store import cache_dir
 from af2_jax.cli import EXIT_CODES, prog, run_command, setup_logging, warn_if_cpu_only
-from af2_jax.config import MAX_WINDOWS_LIMIT
+from af2_jax.config import MAX_WINDOWS_LIMIT, check_max_windows
 from af2_jax.generate import Sampling
 
 log = logging.getLogger("af2_jax.infer")
@@ -99,8 +99,11 @@ def _check_args(p: argparse.ArgumentParser, args) -> None:
         p.error("--stream prints plain text for --audio mode; it does not combine with --manifest or --json")
     if args.checkpoint and args.download:
         p.error("--checkpoint and --download both choose the checkpoint; pass one")
-    if args.max_windows is not None and not 1 <= args.max_windows <= MAX_WINDOWS_LIMIT:
-        p.error(f"--max-windows must be in 1..{MAX_WINDOWS_LIMIT}")
+    if args.max_windows is not None:
+        try:
+            check_max_windows(args.max_windows, "--max-windows ")
+        except ValueError as err:
+            p.error(str(err))
     if args.max_new_tokens < 1 or args.batch_size < 1:
         p.error("--max-new-tokens and --batch-size must be >= 1")
     try:  # the sampling rule is generate's; a value it refuses is a bad argument here
@@ -378,9 +381,9 @@ def _pending_items(args) -> list[dict]:
     return pending
 
 
-def _window_count(path: str, max_windows: int, window_seconds: float) -> int:
+def _window_count(path: str, max_windows: int, audio_config) -> int:
     """Windows a file will need (from its header; 1 if it cannot be read, the error surfaces when it is loaded)."""
-    import math
+    from af2_jax.audio.io import num_windows
 
     try:
         import soundfile
@@ -388,7 +391,7 @@ def _window_count(path: str, max_windows: int, window_seconds: float) -> int:
         seconds = soundfile.info(path).duration
     except Exception:
         return 1
-    return max(1, min(max_windows, math.ceil(seconds / window_seconds)))
+    return num_windows(round(seconds * audio_config.sample_rate), audio_config.window_samples, max_windows)
 
 
 def _run_manifest(args, model, tokenizer, sampling: dict, pending: list[dict]) -> int:
@@ -410,7 +413,7 @@ def _run_manifest(args, model, tokenizer, sampling: dict, pending: list[dict]) -
         if it["problem"]:  # group 0: nothing to load, only "error" lines to write
             groups.setdefault(0, []).append(it)
             continue
-        count = _window_count(it["audio"], max_windows, audio_config.window_seconds)
+        count = _window_count(it["audio"], max_windows, audio_config)
         groups.setdefault(bucket_windows(count), []).append(it)
     errors, timings = 0, {}
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -77,10 +77,10 @@ def _model_and_mesh(args):
     """The model config, the mesh (on a CPU host, only as many simulated devices as it needs) and its placement."""
     import jax
 
-    from af2_jax.config import AF2Config, preset
+    from af2_jax.config import resolve_model_config
     from af2_jax.sharding import Placement, make_mesh
 
-    config = preset(args.model) if args.model in PRESETS else AF2Config.from_file(args.model)
+    config = resolve_model_config(args.model)
     devices = jax.devices()
     if devices[0].platform == "cpu" and len(devices) > _devices_needed(args.mesh):
         devices = devices[:_devices_needed(args.mesh)]
@@ -101,7 +101,7 @@ def plan(args) -> dict:
 
     from af2_jax.generate import bucket_prompt, bucket_rows, bucket_windows
     from af2_jax.nn.af2 import AF2Model
-    from af2_jax.sharding import batch_sharding, format_mesh, variable_sharding
+    from af2_jax.sharding import check_batch_splits, data_parallel_size, format_mesh, variable_sharding
 
     config, mesh, placement = _model_and_mesh(args)
     dtype = jnp.dtype(args.dtype)
@@ -116,8 +116,8 @@ def plan(args) -> dict:
         stored = jnp.float32 if isinstance(var, nnx.BatchStat) else dtype
         weights += _shard_bytes(var.shape, stored, sharding)
 
-    rows = bucket_rows(max(args.batch, mesh.shape["data"] * mesh.shape["fsdp"]))
-    batch_sharding(mesh, rows, 2)  # refuses an indivisible batch with one line
+    rows = bucket_rows(max(args.batch, data_parallel_size(mesh)))
+    check_batch_splits(mesh, rows)
     windows = bucket_windows(args.windows)
     prompt = bucket_prompt(args.prompt)
     lm, xa = config.lm, config.cross_attention
@@ -193,12 +193,13 @@ def plan_training(args) -> dict:
     from flax import nnx
 
     from af2_jax.nn.af2 import AF2Model
-    from af2_jax.sharding import activation_sharding, batch_sharding, format_mesh, variable_sharding
+    from af2_jax.sharding import (activation_sharding, batch_sharding, check_batch_splits, format_mesh,
+                                  variable_sharding)
     from af2_jax.training.config import OptimSection
     from af2_jax.training.step import TrainState, make_train_step, split_model
 
     config, mesh, placement = _model_and_mesh(args)
-    batch_sharding(mesh, args.batch, 2)  # refuses an indivisible batch with one line
+    check_batch_splits(mesh, args.batch)
     compute = jnp.dtype(args.dtype)
     abstract = nnx.eval_shape(lambda: AF2Model(config, dtype=compute, param_dtype=jnp.float32,
                                                rngs=nnx.Rngs(0)))

@@ -202,10 +202,23 @@ def constrain(x, logical_axes):
     return jax.lax.with_sharding_constraint(x, placement.sharding(logical_axes, x.shape))
 
 
+def data_parallel_size(mesh: Mesh | None) -> int:
+    """Devices the batch is split over: data x fsdp (1 without a mesh)."""
+    return 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def check_batch_splits(mesh: Mesh, batch: int, name: str = "batch",
+                       fix: str = "use a batch that is a multiple of {data} or a mesh with data*fsdp dividing {batch}"
+                       ) -> None:
+    """The one check that a batch divides over data x fsdp; `name` and `fix` (formatted with `data` and `batch`) say
+    it in the caller's terms (a flag, a config key)."""
+    data = data_parallel_size(mesh)
+    if batch % data:
+        raise MeshError(f"{name} {batch} does not split over data x fsdp = {data} devices; "
+                        + fix.format(data=data, batch=batch))
+
+
 def batch_sharding(mesh: Mesh, batch: int, ndim: int) -> NamedSharding:
     """Inputs split along the batch over the data axes (data x fsdp); one-line error if the batch does not divide."""
-    data = mesh.shape["data"] * mesh.shape["fsdp"]
-    if batch % data:
-        raise MeshError(f"batch {batch} does not split over data x fsdp = {data} devices; use a batch that is a "
-                        f"multiple of {data} or a mesh with data*fsdp dividing {batch}")
+    check_batch_splits(mesh, batch)
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))

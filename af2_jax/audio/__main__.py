@@ -15,7 +15,7 @@ import time
 from af2_jax.audio.io import AudioError
 from af2_jax.checkpoint.reader import CheckpointError
 from af2_jax.cli import EXIT_CODES, prog, run_command, setup_logging, warn_if_cpu_only
-from af2_jax.config import MAX_WINDOWS_LIMIT, PRESETS, AF2Config, preset
+from af2_jax.config import MAX_WINDOWS_LIMIT, PRESETS, check_max_windows, resolve_model_config
 
 log = logging.getLogger("af2_jax.audio")
 
@@ -34,17 +34,13 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _config(model: str) -> AF2Config:
-    if model in PRESETS:
-        return preset(model)
-    return AF2Config.from_file(model)
-
-
 def main(argv=None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if not 1 <= args.max_windows <= MAX_WINDOWS_LIMIT:
-        parser.error(f"--max-windows {args.max_windows} is outside 1..{MAX_WINDOWS_LIMIT}")
+    try:
+        check_max_windows(args.max_windows, "--max-windows ")
+    except ValueError as err:
+        parser.error(str(err))
     setup_logging()
     return run_command(lambda: _run(args), (AudioError, CheckpointError, ValueError, OSError), debug=args.debug)
 
@@ -59,7 +55,7 @@ def _run(args) -> int:
     from af2_jax.nn.htsat import HTSAT, encode_windows
 
     warn_if_cpu_only()
-    config = _config(args.model)
+    config = resolve_model_config(args.model)
 
     clips = []
     for path in args.files:

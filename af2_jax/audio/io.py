@@ -23,7 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
-from af2_jax.config import MAX_WINDOWS_LIMIT, AudioConfig
+from af2_jax.config import AudioConfig, check_max_windows
 
 log = logging.getLogger(__name__)
 
@@ -282,8 +282,7 @@ def load_windows(path, max_windows: int = 12, *, config: AudioConfig = _DEFAULT_
 
     `max_windows` may be 1..30 (30 windows = 5 minutes); audio beyond it is dropped with a logged warning.
     """
-    if not 1 <= max_windows <= MAX_WINDOWS_LIMIT:
-        raise ValueError(f"max_windows={max_windows} is outside 1..{MAX_WINDOWS_LIMIT} (30 windows = 5 minutes)")
+    check_max_windows(max_windows)
     limit_seconds = max_windows * config.window_seconds
     samples, total_seconds = read_audio(path, max_seconds=limit_seconds, sample_rate=config.sample_rate,
                                         start_seconds=start_seconds)

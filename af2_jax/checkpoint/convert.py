@@ -21,7 +21,7 @@ from flax import nnx
 from af2_jax.checkpoint import keymap, store
 from af2_jax.checkpoint.load import checked_report, is_stacked, plan, slot_shapes, slot_values
 from af2_jax.checkpoint.reader import CheckpointError, SafetensorsCheckpoint, write_safetensors
-from af2_jax.config import PRESETS, AF2Config, preset
+from af2_jax.config import PRESETS, AF2Config, resolve_model_config
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +72,10 @@ def resolve_config(model, ckpt: SafetensorsCheckpoint) -> AF2Config:
         return infer_config(ckpt)
     if isinstance(model, AF2Config):
         return model
-    if model in PRESETS:
-        return preset(model)
-    if Path(model).is_file():
-        return AF2Config.from_file(model)
-    raise CheckpointError(f"--model {model!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a config file")
+    try:
+        return resolve_model_config(model)
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
 
 
 def _abstract_model(config: AF2Config):

@@ -16,7 +16,7 @@ import numpy as np
 
 from af2_jax.config import AF2Config
 from af2_jax.nn.audio_transformer import rotary_inv_freq
-from af2_jax.nn.htsat import relative_position_index, shifted_window_mask
+from af2_jax.nn.htsat import relative_position_index, shifted_window_mask, swin_block_geometry
 
 CLAP_PREFIXES = ("clap.nvclap.", "clap.afclap.")
 CANONICAL_CLAP_PREFIX = "clap.nvclap."
@@ -232,11 +232,9 @@ def expected_constant(config: AF2Config, kind: str, *indices: int) -> np.ndarray
     h = config.htsat
     if stage >= len(h.depths) or block >= h.depths[stage]:
         return None
-    resolution = h.patch_grid // 2 ** stage
-    window = min(h.window_size, resolution)
+    resolution, window, shift = swin_block_geometry(h, stage, block)
     if kind == "relative_position_index":
         return relative_position_index(window)
-    shift = 0 if (block % 2 == 0 or resolution <= h.window_size) else h.window_size // 2
     return shifted_window_mask(resolution, window, shift) if shift else None
 
 

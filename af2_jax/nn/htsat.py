@@ -29,6 +29,16 @@ from af2_jax.sharding import constrain
 SHIFT_MASK_VALUE = -100.0
 
 
+def swin_block_geometry(cfg: HTSATConfig, stage: int, block: int) -> tuple[int, int, int]:
+    """`(resolution, window, shift)` of a Swin block: the token grid halves after every stage; every odd block is
+    shifted by half a window; a grid no larger than the window is one window, and then nothing is shifted
+    (docs/original.md#last-stage-unshifted)."""
+    resolution = cfg.patch_grid // 2 ** stage
+    window = min(cfg.window_size, resolution)
+    shift = 0 if block % 2 == 0 or resolution <= cfg.window_size else cfg.window_size // 2
+    return resolution, window, shift
+
+
 @functools.lru_cache(maxsize=None)
 def relative_position_index(window: int) -> np.ndarray:
     """`(w*w, w*w)` index into the `((2w-1)**2, heads)` bias table: `(hi - hj + w - 1) * (2w - 1) + (wi - wj + w - 1)`."""
@@ -109,13 +119,9 @@ class SwinBlock(nnx.Module):
     """Pre-norm Swin block: (shifted) window attention and a GELU MLP, each with a residual. `(N, R, R, C)` -> the
     same shape."""
 
-    def __init__(self, dim: int, resolution: int, heads: int, shift: int, cfg: HTSATConfig, *, dtype, param_dtype,
+    def __init__(self, dim: int, heads: int, stage: int, block: int, cfg: HTSATConfig, *, dtype, param_dtype,
                  rngs: nnx.Rngs):
-        # A grid no larger than the window is one window, and then nothing is shifted
-        # (docs/original.md#last-stage-unshifted).
-        self.window = min(cfg.window_size, resolution)
-        self.shift = 0 if resolution <= cfg.window_size else shift
-        self.resolution = resolution
+        self.resolution, self.window, self.shift = swin_block_geometry(cfg, stage, block)
         norm = functools.partial(layer_norm, axis_name="htsat_embed", eps=cfg.layer_norm_eps, dtype=dtype,
                                  param_dtype=param_dtype, rngs=rngs)
         hidden = int(dim * cfg.mlp_ratio)
@@ -166,10 +172,8 @@ class SwinStage(nnx.Module):
 
     def __init__(self, stage: int, cfg: HTSATConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         dim = cfg.embed_dim * 2 ** stage
-        resolution = cfg.patch_grid // 2 ** stage
         self.blocks = nnx.List([
-            SwinBlock(dim, resolution, cfg.num_heads[stage], 0 if b % 2 == 0 else cfg.window_size // 2, cfg,
-                      dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            SwinBlock(dim, cfg.num_heads[stage], stage, b, cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
             for b in range(cfg.depths[stage])])
         last = stage == len(cfg.depths) - 1
         self.downsample = None if last else PatchMerging(dim, cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)

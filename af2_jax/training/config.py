@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from af2_jax.config import PRESETS
+from af2_jax.config import MAX_WINDOWS_LIMIT, PRESETS
 
 
 class ConfigError(ValueError):
@@ -135,7 +135,7 @@ class DataSection:
     valid_dataset_config: Mapping[str, Any] = _mapping("the validation sets, {Name-Task/split: true}")
     max_tokens: int = _within(512, "tokens per example, padded or cut (at least <audio>, <SEP>, EOC and EOS)", 4)
     max_num_window: int = _within(12, "audio windows per example, padded or cut (AF2: 10 s each; 30 = 5 minutes)",
-                                  1, 30)
+                                  1, MAX_WINDOWS_LIMIT)
     num_workers: int = _within(0, "host processes decoding audio (0: in the main process)", 0)
     valid_max_items: int = _within(64, "validation reads at most this many items of each set (the original's "
                                        "val split reads 64; 0: all)", 0)

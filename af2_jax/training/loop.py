@@ -24,8 +24,8 @@ import numpy as np
 from flax import nnx
 
 from af2_jax.config import preset
-from af2_jax.sharding import (MeshError, activation_sharding, batch_sharding, format_mesh, make_mesh,
-                              shard_model)
+from af2_jax.sharding import (activation_sharding, batch_sharding, check_batch_splits, format_mesh,
+                              make_mesh, shard_model)
 from af2_jax.training.config import ConfigError, TrainConfig, profile_range
 from af2_jax.training.data import (LoadExample, TrainBatches, blend, check_audio, eval_batches,
                                    validation_sets)
@@ -82,10 +82,7 @@ def load_training_tokenizer(config: TrainConfig):
 def training_mesh(config: TrainConfig):
     spec = config.run.mesh or f"fsdp={jax.device_count()}"
     mesh = make_mesh(spec)
-    data = mesh.shape["data"] * mesh.shape["fsdp"]
-    if config.optim.batch_size % data:
-        raise MeshError(f"optim.batch_size {config.optim.batch_size} does not split over data x fsdp = {data} "
-                        f"devices; use a multiple of {data} or change run.mesh")
+    check_batch_splits(mesh, config.optim.batch_size, "optim.batch_size", "use a multiple of {data} or change run.mesh")
     return mesh
 
 
