@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))  # for tests.fake_release
 
 from af2_jax.checkpoint.convert import inspect  # noqa: E402
 from af2_jax.config import preset  # noqa: E402
-from fake_release import constant_buffers, full_state_dict, write_sparse_release  # noqa: E402
+from tests.fake_release import constant_buffers, full_state_dict, write_sparse_release  # noqa: E402
 
 
 def main():

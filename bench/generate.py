@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,17 +30,13 @@ import numpy as np
 from flax import nnx
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))  # for tests.helpers (the small model, random weights, the reference pair)
 
-from af2_jax.config import AF2Config, AudioTransformerConfig, HTSATConfig, LMConfig, preset  # noqa: E402
+from af2_jax.config import AF2Config, preset  # noqa: E402
 from af2_jax.generate import compiled_programs, generate, left_pad  # noqa: E402
 from af2_jax.nn.af2 import relayout  # noqa: E402
+from tests.helpers import bench_small_config, build_pair, random_model_from  # noqa: E402
 
-SMALL = AF2Config(
-    htsat=HTSATConfig(embed_dim=64, depths=(2, 2, 6, 2), num_heads=(2, 4, 8, 16)),
-    audio_transformer=AudioTransformerConfig(d_model=512, n_heads=8, n_layers=3, d_inner=2048),
-    lm=LMConfig(hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8, num_kv_heads=2),
-)
 NO_EOS = -1
 
 
@@ -53,52 +48,6 @@ def median_time(fn, repeats):
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def build_pair(config: AF2Config, with_reference: bool, dtype):
-    """The reference with random weights and the JAX model loaded from the same tensors (or JAX alone)."""
-    if not with_reference:
-        return random_model_from(config, dtype), None
-    import safetensors.numpy
-    import torch
-
-    from af2_jax.checkpoint import load_original
-    from reference import AF2Reference, original_schema
-
-    torch.manual_seed(0)
-    ref = AF2Reference(original_schema(config))
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape) / p.shape[-1] ** 0.5)
-            elif "gate" in name:
-                p.fill_(0.5)
-        ref.clap.nvclap.bn0.running_mean.normal_(-40, 10)
-        ref.clap.nvclap.bn0.running_var.uniform_(100, 400)
-    ref.eval()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "weights.safetensors"
-        safetensors.numpy.save_file({k: v.detach().numpy() for k, v in ref.state_dict().items()}, str(path))
-        model = load_original(path, config, dtype=dtype, param_dtype=dtype)
-    return model, ref
-
-
-def random_model_from(config: AF2Config, dtype):
-    from af2_jax.nn.af2 import AF2Model
-
-    abstract = nnx.eval_shape(lambda: AF2Model(config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    key = jax.random.key(0)
-    for n, (_, var) in enumerate(nnx.to_flat_state(state)):
-        shape = var.shape
-        if isinstance(var, nnx.BatchStat):
-            value = jnp.ones(shape, jnp.float32) * (100.0 if len(shape) else 1.0)
-        elif len(shape) >= 2:
-            value = jax.random.normal(jax.random.fold_in(key, n), shape, jnp.float32) / np.sqrt(shape[-1])
-        else:
-            value = jnp.ones(shape, jnp.float32)
-        var.set_value(value.astype(var.dtype))
-    return nnx.merge(graphdef, state)
 
 
 def inputs(config: AF2Config, batch, windows, prompt_len):
@@ -259,7 +208,7 @@ def main():
                    help="JAX only: stacked vs unstacked layers, alternated, on the same weights")
     p.add_argument("--hbm-tbps", type=float, default=3.35, help="memory bandwidth for the roofline (H100 SXM: 3.35)")
     args = p.parse_args()
-    config = SMALL if args.model == "small" else preset(args.model)
+    config = bench_small_config() if args.model == "small" else preset(args.model)
     dtype = jnp.dtype(args.dtype)
     jax.config.update("jax_default_matmul_precision", "highest" if dtype == jnp.float32 else "default")
     if args.compare_layouts:

@@ -23,14 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO / "bench"))
-
-from generate import SMALL, build_pair  # noqa: E402
+sys.path.insert(0, str(REPO))  # for tests.helpers (the generation benchmark's small model and the reference pair)
 
 from af2_jax.training.config import OptimSection  # noqa: E402
 from af2_jax.training.labels import IGNORE, make_labels  # noqa: E402
 from af2_jax.training.step import TrainState, make_train_step, optimizer, split_model  # noqa: E402
+from tests.helpers import bench_small_config, build_pair  # noqa: E402
 
 
 def make_batch(config, batch, windows, tokens, seed=0):
@@ -89,10 +87,11 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(2)
-    model, ref = build_pair(SMALL, True, jnp.float32)
+    config = bench_small_config()
+    model, ref = build_pair(config, True, jnp.float32)
     ref.train()
     ref.clap.nvclap.eval()  # the encoder in its evaluation form on both sides (BatchNorm running statistics)
-    batch = make_batch(SMALL, args.batch, args.windows, args.tokens)
+    batch = make_batch(config, args.batch, args.windows, args.tokens)
     optim = OptimSection(trainable=args.trainable, learning_rate=1e-5, clip="per_module")
     graphdef, params, frozen = split_model(model, args.trainable)
     tx = optimizer(optim, 100)
@@ -112,7 +111,7 @@ def main(argv=None) -> int:
     prefixes = {"pretrain": ("audio_transformer_clap.", "lang_encoder.model.embed_tokens."),
                 "sft": ("clap.", "audio_transformer_clap.", "lang_encoder.model.embed_tokens.")}[args.trainable]
     prefixes = prefixes + tuple(f"lang_encoder.model.layers.{i}.gated_cross_attn_layer_sound."
-                                for i in range(SMALL.lm.num_layers))
+                                for i in range(config.lm.num_layers))
     torch_step = torch_step_fn(ref, batch, prefixes, 1e-5)
     first_torch_loss = torch_step()
     torch_times = []

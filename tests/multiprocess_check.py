@@ -1,6 +1,6 @@
 """One of two local JAX processes (4 simulated CPU devices each) that load the fixture checkpoint sharded across
 both and generate greedily; prints the tokens from process 0.
-    python tests/multiprocess_check.py CHECKPOINT FIXTURE_DIR PORT PROCESS_ID"""
+    python -m tests.multiprocess_check CHECKPOINT FIXTURE_DIR PORT PROCESS_ID"""
 
 import os
 import sys

@@ -1,5 +1,5 @@
 """Run in a subprocess with 8 simulated CPU devices (the flag must precede jax's start):
-    python tests/sharding_check.py FIXTURE_DIR MESH [MESH ...]
+    python -m tests.sharding_check FIXTURE_DIR MESH [MESH ...]
 For each mesh: the fixture model sharded by the rules table gives the single-device logits (1e-5 relative) and the
 same greedy tokens, with the large parameters really split. Prints one line per mesh; exits non-zero on failure."""
 

@@ -14,7 +14,7 @@ import soundfile as sf
 from af2_jax.audio import AudioError, collate_windows, load_windows, num_windows, read_audio
 from af2_jax.audio.io import check_readable, int16_round_trip, resample
 from af2_jax.config import AudioConfig
-from conftest import REPO, pygame_clip_dir
+from tests.helpers import REPO, pygame_clip_dir
 
 W = 160000
 

@@ -16,7 +16,7 @@ import af2_jax
 from af2_jax.checkpoint import CheckpointError, SafetensorsCheckpoint, store
 from af2_jax.checkpoint.convert import convert, export, inspect
 from af2_jax.convert import main as convert_cli
-from conftest import REPO
+from tests.helpers import REPO
 
 FLOAT_PARAM = "lang_encoder.model.norm.weight"  # a parameter every AF2 checkpoint has, stored as F32 in the fixture
 

@@ -15,6 +15,7 @@ import jax
 import pytest
 
 from af2_jax import cli
+from tests.helpers import FIXTURE_DIRS
 
 COMMANDS = {"infer": "af2_jax.infer", "convert": "af2_jax.convert", "train": "af2_jax.train",
             "plan": "af2_jax.plan", "audio": "af2_jax.audio.__main__"}
@@ -101,7 +102,6 @@ def test_cpu_while_a_gpu_is_visible_is_one_warning_line(gpu_visible_but_cpu_jaxl
 def test_the_cli_warns_through_the_shared_helper(gpu_visible_but_cpu_jaxlib, capsys):
     """plan, as every command, calls the helper once JAX is about to be used (its plan still prints)."""
     import af2_jax.plan
-    from conftest import FIXTURE_DIRS
 
     code = af2_jax.plan.main(["--model", str(FIXTURE_DIRS[0] / "config.json"), "--no-compile"])
     assert code == 0

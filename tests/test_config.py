@@ -4,7 +4,7 @@ import json
 import pytest
 
 from af2_jax.config import PRESETS, AF2Config, preset
-from conftest import FIXTURES
+from tests.helpers import FIXTURES
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

@@ -15,8 +15,8 @@ import af2_jax
 from af2_jax.checkpoint import CheckpointError, SafetensorsCheckpoint
 from af2_jax.checkpoint.convert import convert, export, inspect
 from af2_jax.convert import main as convert_cli
-from conftest import FIXTURES, REPO, SESSION_ROOT
-from fake_release import full_state_dict, write_sparse_release
+from tests.fake_release import full_state_dict, write_sparse_release
+from tests.helpers import FIXTURES, REPO
 
 SIZES = {"af2-3b": "af2_3b_shapes.json", "af2-1.5b": "af2_1.5b_shapes.json", "af2-0.5b": "af2_0.5b_shapes.json"}
 
@@ -228,7 +228,7 @@ def test_load_rejects_what_convert_did_not_write(golden, tmp_path):
         af2_jax.load(golden.path)
 
 
-def test_the_suite_writes_nothing_under_the_users_cache():
+def test_the_suite_writes_nothing_under_the_users_cache(session_root):
     """conftest points AF2_JAX_HOME and the JAX compilation cache into this session's temporary folder, for this
     process and for every command a test starts, so converted releases and compiled programs never land in
     ~/.cache."""
@@ -240,9 +240,9 @@ def test_the_suite_writes_nothing_under_the_users_cache():
     assert child.returncode == 0, child.stderr
     here = [cache_dir(), Path(jax.config.jax_compilation_cache_dir)]
     assert [Path(line) for line in child.stdout.splitlines()] == here
-    assert SESSION_ROOT.is_relative_to(tempfile.gettempdir())
+    assert session_root.is_relative_to(tempfile.gettempdir())
     for path in here:
-        assert path.is_relative_to(SESSION_ROOT) and not path.is_relative_to(Path.home() / ".cache"), path
+        assert path.is_relative_to(session_root) and not path.is_relative_to(Path.home() / ".cache"), path
 
 
 def test_cli_subprocess_converts_and_helps(golden, tmp_path):

@@ -16,7 +16,7 @@ import af2_jax
 from af2_jax.infer import DEMO_CHECKPOINT
 from af2_jax.pipeline import answer_items, prepare
 from af2_jax.training.loop import normalise_answer
-from conftest import REPO
+from tests.helpers import REPO
 
 HELD_OUT_PER_TASK = 8
 # sha256 of what train/make_demo_data.py wrote for the first HELD_OUT_PER_TASK items of each held-out split (paths

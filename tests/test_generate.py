@@ -5,40 +5,30 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from af2_jax.checkpoint import load_original
 from af2_jax.generate import bucket_prompt, bucket_rows, bucket_windows, generate, left_pad
-from af2_jax.nn.af2 import relayout
 
-_CACHE = {}
 # Both layer layouts decode: stacked (one lax.scan; checkpoints, training) and unstacked (serving, `infer`).
 LAYOUTS = pytest.mark.parametrize("scan_layers", [True, False], ids=["stacked", "unstacked"])
 
 
-def _model(golden, scan_layers=False):
-    if (golden.name, scan_layers) not in _CACHE:
-        model = load_original(golden.weights, golden.config)
-        _CACHE[golden.name, scan_layers] = relayout(model, scan_layers)
-    return _CACHE[golden.name, scan_layers]
-
-
 @LAYOUTS
-def test_batched_greedy_equals_the_original(golden, scan_layers):
+def test_batched_greedy_equals_the_original(golden, scan_layers, fixture_model):
     i, o = golden.inputs, golden.outputs
     n = o["generated_ids"].shape[1] - i["gen_input_ids"].shape[1]
-    out = generate(_model(golden, scan_layers), i["gen_input_ids"], i["gen_attention_mask"], i["audio_x"],
+    out = generate(fixture_model(golden, scan_layers), i["gen_input_ids"], i["gen_attention_mask"], i["audio_x"],
                    i["audio_x_mask"], max_new_tokens=n)
     np.testing.assert_array_equal(out.tokens, o["generated_ids"][:, -n:])
     np.testing.assert_array_equal(np.concatenate([i["gen_input_ids"], out.tokens], axis=1), o["generated_ids"])
 
 
 @LAYOUTS
-def test_each_row_alone_equals_the_original(golden, scan_layers):
+def test_each_row_alone_equals_the_original(golden, scan_layers, fixture_model):
     i, o = golden.inputs, golden.outputs
     n = o["generated_tokens"].shape[1]
     for row in range(i["gen_input_ids"].shape[0]):
         ids = i["gen_input_ids"][row][i["gen_attention_mask"][row] == 1][None]
         windows = int(i["audio_x_mask"][row].sum())
-        out = generate(_model(golden, scan_layers), ids, np.ones_like(ids), i["audio_x"][row:row + 1, :windows],
+        out = generate(fixture_model(golden, scan_layers), ids, np.ones_like(ids), i["audio_x"][row:row + 1, :windows],
                        i["audio_x_mask"][row:row + 1, :windows], max_new_tokens=n)
         np.testing.assert_array_equal(out.tokens[0], o["generated_tokens"][row])
         assert out.lengths[0] == n  # no stored decode hits eos
@@ -72,8 +62,8 @@ def _batch(prompts, clips, pad):
 
 
 @LAYOUTS
-def test_rows_of_a_mixed_batch_equal_each_row_alone(golden, scan_layers):
-    model = _model(golden, scan_layers)
+def test_rows_of_a_mixed_batch_equal_each_row_alone(golden, scan_layers, fixture_model):
+    model = fixture_model(golden, scan_layers)
     prompts, clips = _mixed_batch(golden)
     pad = golden.config.tokens.pad
     together = generate(model, *_batch(prompts, clips, pad), max_new_tokens=10)
@@ -86,17 +76,18 @@ def test_rows_of_a_mixed_batch_equal_each_row_alone(golden, scan_layers):
             np.testing.assert_array_equal(three.tokens[r], alone.tokens[0])
 
 
-def test_cached_decoding_equals_full_recomputation(golden):
+def test_cached_decoding_equals_full_recomputation(golden, fixture_model):
     """Cached decoding in the serving layout against the full forward recomputed at every step in the stacked
     layout (one compiled program per length, so the quicker-compiling layout)."""
     prompts, clips = _mixed_batch(golden)
     ids, mask, audio, audio_mask = _batch(prompts[:1], clips[:1], golden.config.tokens.pad)
     steps = 6
-    cached = generate(_model(golden, scan_layers=False), ids, mask, audio, audio_mask, max_new_tokens=steps).tokens[0]
+    cached = generate(fixture_model(golden, scan_layers=False), ids, mask, audio, audio_mask,
+                      max_new_tokens=steps).tokens[0]
     forward = nnx.jit(lambda m, a, am, x: m.forward_audio_text(a, am, x))
     sequence = list(ids[0])
     for _ in range(steps):
-        logits = forward(_model(golden, scan_layers=True), audio, audio_mask, np.asarray([sequence]))
+        logits = forward(fixture_model(golden, scan_layers=True), audio, audio_mask, np.asarray([sequence]))
         sequence.append(int(np.argmax(logits[0, -1])))
     np.testing.assert_array_equal(cached, sequence[len(ids[0]):])
 
@@ -105,8 +96,8 @@ def _compile_lines(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "af2_jax.generate"]
 
 
-def test_sampling_is_reproducible_and_top_k_1_is_greedy(golden, caplog):
-    model = _model(golden)
+def test_sampling_is_reproducible_and_top_k_1_is_greedy(golden, caplog, fixture_model):
+    model = fixture_model(golden, scan_layers=False)
     i = golden.inputs
     args = (i["gen_input_ids"], i["gen_attention_mask"], i["audio_x"], i["audio_x_mask"])
     with caplog.at_level(logging.INFO, logger="af2_jax.generate"):
@@ -129,8 +120,8 @@ def test_sampling_is_reproducible_and_top_k_1_is_greedy(golden, caplog):
         generate(model, *args, max_new_tokens=2, temperature=1.0)
 
 
-def test_rows_stop_at_their_own_eos(golden):
-    model = _model(golden)
+def test_rows_stop_at_their_own_eos(golden, fixture_model):
+    model = fixture_model(golden, scan_layers=False)
     i, o = golden.inputs, golden.outputs
     n = o["generated_ids"].shape[1] - i["gen_input_ids"].shape[1]
     expected = o["generated_ids"][:, -n:]
@@ -152,23 +143,19 @@ def test_buckets():
     assert all((bucket_windows(n) - n) / bucket_windows(n) <= 1 / 4 for n in range(1, 31))
 
 
-def test_left_padded_batch_equals_the_pytorch_reference(golden):
+def test_left_padded_batch_equals_the_pytorch_reference(golden, fixture_model):
     """The fixture's prompts have equal lengths; mixed lengths, left-padded, against the reference decoding with
     transformers' cache the way the original does."""
     import torch
-
-    from af2_jax.checkpoint import SafetensorsCheckpoint
-    from reference import AF2Reference
 
     prompts, clips = _mixed_batch(golden)
     pad = golden.config.tokens.pad
     _, _, audio, audio_mask = _batch(prompts, clips, pad)
     left_ids, left_mask = left_pad(prompts, pad)
     width = left_ids.shape[1]
-    ref = AF2Reference(golden.raw_config)
-    ref.load_original(dict(SafetensorsCheckpoint(golden.weights).items()))
     t = torch.from_numpy
-    expected = ref.generate_greedy(t(left_ids), t(left_mask), t(audio), t(audio_mask), 10, golden.config.tokens.eos,
-                                   pad)[:, width:].numpy()
-    ours = generate(_model(golden), left_ids, left_mask, audio, audio_mask, max_new_tokens=10)
+    expected = golden.reference.generate_greedy(t(left_ids), t(left_mask), t(audio), t(audio_mask), 10,
+                                                golden.config.tokens.eos, pad)[:, width:].numpy()
+    ours = generate(fixture_model(golden, scan_layers=False), left_ids, left_mask, audio, audio_mask,
+                    max_new_tokens=10)
     np.testing.assert_array_equal(ours.tokens[:, :expected.shape[1]], expected)

@@ -10,37 +10,30 @@ from af2_jax.checkpoint import CheckpointError, SafetensorsCheckpoint, flat_shap
 from af2_jax.checkpoint.keymap import CLAP_PREFIXES, DEAD_PATTERNS, canonical_name
 from af2_jax.config import PRESETS
 from af2_jax.nn.htsat import HTSAT, encode_windows, relative_position_index, shifted_window_mask
-from conftest import rel_err
+from tests.helpers import FIXTURES, rel_err
 
 
-
-
-def _htsat(golden, cache={}):
-    if golden.name not in cache:
-        cache[golden.name] = load_htsat(golden.weights, golden.config)
-    return cache[golden.name]
-
-
-def test_image_from_mel(golden):
-    image = nnx.jit(lambda m, x: m.image(x))(_htsat(golden), golden.outputs["mel"])
+def test_image_from_mel(golden, fixture_htsat):
+    image = nnx.jit(lambda m, x: m.image(x))(fixture_htsat(golden), golden.outputs["mel"])
     assert rel_err(image, golden.outputs["htsat_input"]) <= 1e-5
 
 
-def test_encoder_from_fixture_image(golden):
-    out = nnx.jit(lambda m, x: m.encode_image(x))(_htsat(golden), golden.outputs["htsat_input"])
+def test_encoder_from_fixture_image(golden, fixture_htsat):
+    out = nnx.jit(lambda m, x: m.encode_image(x))(fixture_htsat(golden), golden.outputs["htsat_input"])
     expected = golden.outputs["clap_embeds"]
     assert out.shape == expected.shape
     assert out.shape[-2:] == (golden.config.htsat.tokens_per_window, golden.config.htsat.num_features)
     assert rel_err(out, expected) <= 1e-4
 
 
-def test_encoder_end_to_end_from_waveforms(golden):
-    out = nnx.jit(lambda m, x: encode_windows(m, x, golden.config.audio))(_htsat(golden), golden.inputs["audio_x"])
+def test_encoder_end_to_end_from_waveforms(golden, fixture_htsat):
+    out = nnx.jit(lambda m, x: encode_windows(m, x, golden.config.audio))(fixture_htsat(golden),
+                                                                          golden.inputs["audio_x"])
     assert rel_err(out, golden.outputs["clap_embeds"]) <= 1e-3
 
 
-def test_released_layout_loads_the_same_weights(golden):
-    a = nnx.state(_htsat(golden))
+def test_released_layout_loads_the_same_weights(golden, fixture_htsat):
+    a = nnx.state(fixture_htsat(golden))
     b = nnx.state(load_htsat(golden.release, golden.config))
     for (pa, va), (pb, vb) in zip(nnx.to_flat_state(a), nnx.to_flat_state(b)):
         assert pa == pb
@@ -105,7 +98,6 @@ def test_bad_checkpoints_name_the_tensor(golden, tmp_path, edit, message):
 @pytest.mark.parametrize("size", ["af2-3b", "af2-1.5b", "af2-0.5b"])
 def test_release_shape_map_fits_preset(size):
     import json
-    from conftest import FIXTURES
 
     shapes = json.loads((FIXTURES / f"af2_{size[4:]}_shapes.json").read_text())
     cfg = PRESETS[size]
@@ -126,8 +118,8 @@ def test_release_shape_map_fits_preset(size):
     assert not [k for k in shapes["aliases"] if k.startswith("clap.")]
 
 
-def test_encoder_batches_all_windows_in_one_call(golden):
-    model = _htsat(golden)
+def test_encoder_batches_all_windows_in_one_call(golden, fixture_htsat):
+    model = fixture_htsat(golden)
     image = golden.outputs["htsat_input"]
     together = nnx.jit(lambda m, x: m.encode_image(x))(model, image)
     alone = nnx.jit(lambda m, x: m.encode_image(x))(model, image[1, :1])

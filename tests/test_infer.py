@@ -14,7 +14,7 @@ import af2_jax
 from af2_jax.cli import EXIT_CODES
 from af2_jax.infer import DEMO_CHECKPOINT
 from af2_jax.infer import main as infer_cli
-from conftest import REPO, pygame_clip_dir
+from tests.helpers import REPO, pygame_clip_dir
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import torch
 
 from af2_jax.audio import bicubic_resize_matrix, fold_to_image, load_windows, log_mel, mel_filterbank
 from af2_jax.config import AudioConfig
-from conftest import assert_log_mel_close, pygame_clip_dir, rel_err
+from tests.helpers import assert_log_mel_close, pygame_clip_dir, rel_err
 
 _log_mel = jax.jit(log_mel)
 
@@ -24,7 +24,7 @@ def test_log_mel_bound_allows_float32_rounding_only_in_deep_bins():
     """A decaying 1 kHz tone has bins ~125 dB below its peak where float32 STFT rounding alone (our XLA log-mel vs
     the original's torch computation, both float32) differs by more than 0.1 dB: the bound must accept that and
     still hold the loud bins to 0.1 dB."""
-    from reference.af2_torch import int16_round_trip, log_mel as torch_log_mel
+    from tests.reference.af2_torch import int16_round_trip, log_mel as torch_log_mel
 
     t = np.arange(160000) / 16000
     tone = (0.99 * np.sin(2 * np.pi * 1000 * t) * np.exp(-2 * t)).astype(np.float32)[None]

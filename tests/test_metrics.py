@@ -13,53 +13,16 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tensorboard.backend.event_processing import event_accumulator
-from tensorboard.plugins.hparams import metadata as hparams_metadata
 
 from af2_jax.train import main
 from af2_jax.training.config import ConfigError, TrainConfig, _build, _parse_yaml, check, keys
 from af2_jax.training.metrics import MetricsWriter, Progress
-from conftest import tiny_train_config
-
-
-def read_events(folder) -> dict:
-    """What TensorBoard shows of a run folder: {"scalars": {tag: [(step, value)]}, "texts": {tag: [(step,
-    markdown)]}, "hparams": {key: value}}."""
-    events = event_accumulator.EventAccumulator(str(folder), size_guidance={event_accumulator.SCALARS: 0,
-                                                                            event_accumulator.TENSORS: 0})
-    events.Reload()
-    scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
-    texts = {tag.removesuffix("/text_summary"): [(e.step, e.tensor_proto.string_val[0].decode())
-                                                 for e in events.Tensors(tag)]
-             for tag in _plugin_tags(events, "text")}
-    hparams = {}
-    for content in _plugin_tags(events, "hparams").values():
-        for key, value in hparams_metadata.parse_session_start_info_plugin_data(content).hparams.items():
-            hparams[key] = getattr(value, value.WhichOneof("kind"))
-    return {"scalars": scalars, "texts": texts, "hparams": hparams}
-
-
-def _plugin_tags(events, plugin: str) -> dict:
-    try:
-        return events.PluginTagToContent(plugin)
-    except KeyError:  # nothing of that plugin in the folder
-        return {}
+from tests.helpers import read_events, tiny_train_config
 
 
 @pytest.fixture
 def config() -> TrainConfig:
     return _build(TrainConfig, tiny_train_config(Path("/data"), Path("/out")), "")
-
-
-@pytest.fixture
-def cli_logging():
-    """`main` sets up logging for a process; in-process calls give the root logger back as it was."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    logging.captureWarnings(False)
 
 
 @pytest.mark.filterwarnings("ignore:html5lib's sanitizer is deprecated:DeprecationWarning")

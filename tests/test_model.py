@@ -5,19 +5,9 @@ import torch
 from flax import nnx
 
 import af2_jax
-from af2_jax.checkpoint import load_original
 from af2_jax.convert import main as convert_cli
 from af2_jax.nn.af2 import relayout
-from conftest import rel_err
-
-_CACHE = {}
-
-
-def _model(golden, scan_layers=True):
-    if (golden.name, scan_layers) not in _CACHE:
-        _CACHE[golden.name, scan_layers] = relayout(load_original(golden.weights, golden.config), scan_layers)
-    return _CACHE[golden.name, scan_layers]
-
+from tests.helpers import rel_err
 
 def _masked(array, attention_mask):
     """Rows of (…, B, T, X) where attention_mask (B, T) == 1, flattened."""
@@ -25,20 +15,20 @@ def _masked(array, attention_mask):
     return np.asarray(array)[..., keep, :]
 
 
-def test_audio_transformer_from_clap_embeds(golden):
+def test_audio_transformer_from_clap_embeds(golden, fixture_model):
     media, media_mask = nnx.jit(lambda m, c, k: m.transform_audio(c, k))(
-        _model(golden), golden.outputs["clap_embeds"], golden.inputs["audio_x_mask"])
+        fixture_model(golden, scan_layers=True), golden.outputs["clap_embeds"], golden.inputs["audio_x_mask"])
     assert rel_err(media, golden.outputs["audio_transformer_out"]) <= 1e-4
     tokens = golden.config.htsat.tokens_per_window
     np.testing.assert_array_equal(media_mask, np.repeat(golden.inputs["audio_x_mask"], tokens, axis=1))
 
 
 @pytest.mark.parametrize("scan_layers", [True, False], ids=["stacked", "unstacked"])
-def test_language_model_stage_by_stage(golden, scan_layers):
+def test_language_model_stage_by_stage(golden, scan_layers, fixture_model):
     i, o = golden.inputs, golden.outputs
     media_mask = np.repeat(i["audio_x_mask"], golden.config.htsat.tokens_per_window, axis=1)
     logits, inter = nnx.jit(lambda m, *a: m(*a, return_intermediates=True))(
-        _model(golden, scan_layers), i["input_ids"], i["attention_mask"], o["audio_transformer_out"], media_mask)
+        fixture_model(golden, scan_layers), i["input_ids"], i["attention_mask"], o["audio_transformer_out"], media_mask)
     am = i["attention_mask"]
     assert inter.xattn_out.shape == o["xattn_out"].shape
     for layer in range(golden.config.lm.num_layers):
@@ -56,12 +46,12 @@ def test_language_model_stage_by_stage(golden, scan_layers):
 _FORWARD = nnx.jit(lambda m, *a: m(*a))  # one compilation per (model, shapes), shared by the padded tests
 
 
-def _against_reference(golden, ids, mask):
-    """Our float32 logits and the reference's for text `ids`/`mask` over the fixture's audio (its stored audio
+def _against_reference(golden, model, ids, mask):
+    """`model`'s float32 logits and the reference's for text `ids`/`mask` over the fixture's audio (its stored audio
     transformer output), compared where mask == 1 (the stage-by-stage tolerance). Returns our logits."""
     o = golden.outputs
     media_mask = np.repeat(golden.inputs["audio_x_mask"], golden.config.htsat.tokens_per_window, axis=1)
-    ours = np.asarray(_FORWARD(_model(golden), ids, mask, o["audio_transformer_out"], media_mask))
+    ours = np.asarray(_FORWARD(model, ids, mask, o["audio_transformer_out"], media_mask))
     with torch.no_grad():
         expected = golden.reference(torch.from_numpy(ids), torch.from_numpy(mask),
                                       torch.from_numpy(o["audio_transformer_out"]), torch.from_numpy(media_mask))
@@ -80,12 +70,12 @@ def _pad(ids, lengths, pad, side):
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_padded_text_matches_the_reference(golden, side):
+def test_padded_text_matches_the_reference(golden, side, fixture_model):
     ids = golden.inputs["input_ids"]
     b, t = ids.shape
     lengths = [max(2, t - 2 - 3 * row) for row in range(b)]  # every row padded, by different amounts
     padded, mask = _pad(ids, lengths, golden.config.tokens.pad, side)
-    ours = _against_reference(golden, padded, mask)
+    ours = _against_reference(golden, fixture_model(golden, scan_layers=True), padded, mask)
     # The valid positions are the fixture's own rows cut short, so they also give the original's stored logits
     # (positions 0..T-1 whatever the padding, as the original's plain forward; rotary attention is
     # shift-invariant, so left padding leaves them unchanged too).
@@ -94,7 +84,7 @@ def test_padded_text_matches_the_reference(golden, side):
     assert err <= 1e-4, f"{golden.name}: logits at valid positions differ from the stored ones by {err:.2e} relative"
 
 
-def test_the_fixtures_own_padded_text_matches_the_reference(golden):
+def test_the_fixtures_own_padded_text_matches_the_reference(golden, fixture_model):
     i = golden.inputs
     pairs = [(ids, mask) for ids, mask in ((i["input_ids"], i["attention_mask"]),
                                            (i["gen_input_ids"], i["gen_attention_mask"])) if (mask == 0).any()]
@@ -102,7 +92,7 @@ def test_the_fixtures_own_padded_text_matches_the_reference(golden):
         pytest.skip(f"{golden.name}: no padding in inputs.npz (padded text is covered by "
                     "test_padded_text_matches_the_reference)")
     for ids, mask in pairs:
-        _against_reference(golden, ids, mask)
+        _against_reference(golden, fixture_model(golden, scan_layers=True), ids, mask)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 
 from af2_jax.checkpoint.convert import convert
 from af2_jax.distributed import maybe_initialize_distributed
-from conftest import FIXTURE_DIRS, REPO
+from tests.helpers import FIXTURE_DIRS, REPO
 
 
 @pytest.mark.multiprocess
@@ -19,9 +19,8 @@ def test_two_processes_generate_what_one_does(tmp_path):
     checkpoint = convert(fixture / "model.safetensors", tmp_path / "ckpt", fixture / "config.json", "float32")
     port = portpicker.pick_unused_port()
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    script = os.path.join(os.path.dirname(__file__), "multiprocess_check.py")
-    procs = [subprocess.Popen([sys.executable, script, str(checkpoint), str(fixture), str(port), str(n)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.multiprocess_check", str(checkpoint), str(fixture),
+                               str(port), str(n)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for n in range(2)]
     outputs = [p.communicate(timeout=240) for p in procs]
     for p, (out, err) in zip(procs, outputs):

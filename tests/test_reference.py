@@ -12,9 +12,9 @@ from flax import nnx
 
 from af2_jax.checkpoint import SafetensorsCheckpoint
 from af2_jax.config import preset
-from conftest import assert_log_mel_close, rel_err
-from reference import AF2Reference
-from reference.af2_torch import AudioTransformer, GatedCrossAttentionBlock, int16_round_trip, log_mel, qwen_config
+from tests.helpers import assert_log_mel_close, rel_err
+from tests.reference import AF2Reference
+from tests.reference.af2_torch import AudioTransformer, GatedCrossAttentionBlock, int16_round_trip, log_mel, qwen_config
 
 torch.set_num_threads(2)
 T = torch.from_numpy
@@ -240,7 +240,7 @@ def test_decoder_layer_at_3b_width(wide_inputs, capsys):
 def test_reference_tree_matches_every_release_shape_map(shape_map):
     """Built on the meta device at the release sizes, the reference has exactly the release's state_dict names,
     shapes and dtypes (aliases aside), so it is the original's module tree and can load a real release."""
-    from reference import original_schema
+    from tests.reference import original_schema
 
     lm = shape_map["config"]["lm"]
     name = next(n for n in ("af2-3b", "af2-1.5b", "af2-0.5b") if preset(n).lm.hidden_size == lm["hidden_size"])

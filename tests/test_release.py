@@ -13,7 +13,7 @@ import af2_jax
 from af2_jax.checkpoint import SafetensorsCheckpoint
 from af2_jax.checkpoint.convert import convert, inspect
 from af2_jax.generate import generate
-from reference import AF2Reference, original_schema
+from tests.reference import AF2Reference, original_schema
 
 RELEASE = os.environ.get("AF2_RELEASE")
 pytestmark = pytest.mark.skipif(not RELEASE, reason="AF2_RELEASE is not set: point it at a download of "

@@ -6,29 +6,32 @@ import pytest
 from types import SimpleNamespace
 
 from af2_jax.sharding import MeshError, Placement, make_mesh, parse_mesh_spec
-from conftest import FIXTURE_DIRS, REPO
-
-HERE = os.path.dirname(__file__)
+from tests.helpers import FIXTURE_DIRS, REPO
 
 
-def _check(meshes):
-    for fixture in FIXTURE_DIRS:
-        run = subprocess.run([sys.executable, os.path.join(HERE, "sharding_check.py"), str(fixture), *meshes],
-                             capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)),
-                             timeout=600)
+def _sharding_checks(*meshes):
+    """tests/sharding_check.py on `meshes`, one command per golden fixture."""
+    return [[sys.executable, "-m", "tests.sharding_check", fixture, *meshes] for fixture in FIXTURE_DIRS]
+
+
+def _assert_equal(runs):
+    for run in runs:
+        meshes = run.args[4:]
         assert run.returncode == 0, run.stdout + run.stderr[-3000:]
         assert run.stdout.count("greedy tokens equal") == 2 * len(meshes), run.stdout
 
 
-def test_sharded_equals_single_device_on_one_mesh():
+@pytest.mark.child_processes(*_sharding_checks("data=2,fsdp=2,tensor=2"))
+def test_sharded_equals_single_device_on_one_mesh(child_runs):
     """The default suite's mesh: all three axes at once, parameters split over fsdp and tensor (the others, with
     tensor=4 where the 2 KV heads stay replicated, run in the slow test below)."""
-    _check(["data=2,fsdp=2,tensor=2"])
+    _assert_equal(child_runs)
 
 
 @pytest.mark.slow
-def test_sharded_equals_single_device_on_every_mesh():
-    _check(["tensor=8", "fsdp=8", "data=2,tensor=4", "data=2,fsdp=2,tensor=2"])
+@pytest.mark.child_processes(*_sharding_checks("tensor=8", "fsdp=8", "data=2,tensor=4", "data=2,fsdp=2,tensor=2"))
+def test_sharded_equals_single_device_on_every_mesh(child_runs):
+    _assert_equal(child_runs)
 
 
 def test_mesh_errors_are_one_line():

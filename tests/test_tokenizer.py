@@ -11,23 +11,18 @@ MIXED = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer()
-
-
-def test_known_ids(tok):
-    assert tok.encode("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n") == \
+def test_known_ids(tokenizer):
+    assert tokenizer.encode("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n") == \
         [151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13, 151645, 198]
-    assert tok.encode("Hello, world!") == [9707, 11, 1879, 0]
+    assert tokenizer.encode("Hello, world!") == [9707, 11, 1879, 0]
 
 
-def test_af2_tokens_and_size(tok):
+def test_af2_tokens_and_size(tokenizer):
     ids = SpecialTokens()
-    assert [tok.backend.token_to_id(t) for t in AF2_TOKENS] == [ids.media, ids.end_of_chunk, ids.pad, ids.sep] == \
-        [151665, 151666, 151667, 151668]
-    assert tok.backend.token_to_id("<|endoftext|>") == ids.eos == 151643
-    assert len(tok) == 151669
+    assert [tokenizer.backend.token_to_id(t) for t in AF2_TOKENS] == \
+        [ids.media, ids.end_of_chunk, ids.pad, ids.sep] == [151665, 151666, 151667, 151668]
+    assert tokenizer.backend.token_to_id("<|endoftext|>") == ids.eos == 151643
+    assert len(tokenizer) == 151669
 
 
 def test_merges_match_the_upstream_count():
@@ -39,8 +34,8 @@ def test_merges_match_the_upstream_count():
 
 
 @pytest.mark.parametrize("text", MIXED)
-def test_round_trip(tok, text):
-    assert tok.decode(tok.encode(text)) == text
+def test_round_trip(tokenizer, text):
+    assert tokenizer.decode(tokenizer.encode(text)) == text
 
 
 # Qwen's own pre-tokenisation pattern, as upstream writes it (PAT_STR of Qwen's tiktoken tokenizer; the Split regex of
@@ -107,7 +102,7 @@ def _varied_corpus():
             + ["word " * 300])
 
 
-def test_equals_tiktoken_over_the_upstream_ranks(tok, qwen_tiktoken):
+def test_equals_tiktoken_over_the_upstream_ranks(tokenizer, qwen_tiktoken):
     r"""Mutations caught, in af2_jax/tokenizer.py build_qwen25_tokenizer_json: `tok.normalizer = normalizers.NFC()`
     dropped (the former comparison, transformers fed our own vocabulary and merges, passed it, as did every other
     test here); `_recover_merges` skipping two-byte tokens (`if len(token) < 2` -> `< 3`; also passed the former
@@ -116,45 +111,45 @@ def test_equals_tiktoken_over_the_upstream_ranks(tok, qwen_tiktoken):
 
     for text in _varied_corpus():
         expected = qwen_tiktoken.encode(unicodedata.normalize("NFC", text), allowed_special="all")
-        ids = tok.encode(text)
+        ids = tokenizer.encode(text)
         assert ids == expected, text
-        assert tok.decode(ids) == qwen_tiktoken.decode(expected), text
+        assert tokenizer.decode(ids) == qwen_tiktoken.decode(expected), text
 
 
-def test_added_tokens_are_special_as_upstream_marks_them(tok):
+def test_added_tokens_are_special_as_upstream_marks_them(tokenizer):
     """Decoding with skip_special_tokens=True (ours, and transformers reading the saved folder) keeps Qwen2.5's
     tool-call and FIM tokens and drops the rest."""
-    added = {t.content: t.special for t in tok.backend.get_added_tokens_decoder().values()}
+    added = {t.content: t.special for t in tokenizer.backend.get_added_tokens_decoder().values()}
     assert list(added) == list(UPSTREAM_SPECIAL) + list(AF2_TOKENS)
     assert {content for content, special in added.items() if not special} == UPSTREAM_NOT_SPECIAL
-    assert tok.decode(tok.encode("<tool_call>x</tool_call><|im_end|><SEP>"), skip_special_tokens=True) == \
+    assert tokenizer.decode(tokenizer.encode("<tool_call>x</tool_call><|im_end|><SEP>"), skip_special_tokens=True) == \
         "<tool_call>x</tool_call>"
 
 
-def test_prompt_template_and_answer(tok):
-    ids = tok.prompt_ids("  What IS the Sound?  ")
+def test_prompt_template_and_answer(tokenizer):
+    ids = tokenizer.prompt_ids("  What IS the Sound?  ")
     assert ids[0] == 151665 and ids[-1] == 151668
-    assert tok.decode(ids) == "<audio>what is the sound?<SEP>"
-    generated = tok.encode("a dog barks twice<|endofchunk|><|endoftext|>") + [tok.tokens.pad] * 3
-    assert tok.answer(ids, generated) == "a dog barks twice"
+    assert tokenizer.decode(ids) == "<audio>what is the sound?<SEP>"
+    generated = tokenizer.encode("a dog barks twice<|endofchunk|><|endoftext|>") + [tokenizer.tokens.pad] * 3
+    assert tokenizer.answer(ids, generated) == "a dog barks twice"
     with pytest.raises(TokenizerError, match="empty"):
-        tok.prompt_ids("   ")
+        tokenizer.prompt_ids("   ")
 
 
-def test_long_prompts_cut_the_question_not_the_template(tok):
+def test_long_prompts_cut_the_question_not_the_template(tokenizer):
     question = "word " * 600
     with pytest.warns(UserWarning, match="only the first 510 tokens of the question"):
-        ids = tok.prompt_ids(question)
-    whole = tok.encode("<audio>" + question.strip() + "<SEP>")
-    assert len(ids) == 512 and ids[:511] == whole[:511] and ids[-1] == tok.tokens.sep
-    assert tok.answer(ids, tok.encode("a dog barks<|endoftext|>")) == "a dog barks"
+        ids = tokenizer.prompt_ids(question)
+    whole = tokenizer.encode("<audio>" + question.strip() + "<SEP>")
+    assert len(ids) == 512 and ids[:511] == whole[:511] and ids[-1] == tokenizer.tokens.sep
+    assert tokenizer.answer(ids, tokenizer.encode("a dog barks<|endoftext|>")) == "a dog barks"
 
 
-def test_save_and_load(tok, tmp_path):
-    tok.save(tmp_path / "tokenizer")
+def test_save_and_load(tokenizer, tmp_path):
+    tokenizer.save(tmp_path / "tokenizer")
     again = load_tokenizer(tmp_path)
-    assert len(again) == len(tok)
+    assert len(again) == len(tokenizer)
     for text in MIXED:
-        assert again.encode(text) == tok.encode(text)
+        assert again.encode(text) == tokenizer.encode(text)
     with pytest.raises(TokenizerError, match="no tokenizer.json"):
         load_tokenizer(tmp_path / "nowhere")

@@ -15,25 +15,12 @@ import pytest
 import yaml
 
 from af2_jax.config import SpecialTokens
-from af2_jax.tokenizer import load_tokenizer
+from af2_jax.train import main
 from af2_jax.training.config import ConfigError, TrainConfig, _build, load_config
 from af2_jax.training.data import LoadExample, TrainBatches, blend, validation_sets
 from af2_jax.training.labels import IGNORE
 from af2_jax.training.loop import Preempted, run, validation_loss
-from conftest import REPO, tiny_train_config, write_tone_dataset
-from test_metrics import read_events
-
-HERE = os.path.dirname(__file__)
-
-
-@pytest.fixture(scope="module")
-def tones(tmp_path_factory):
-    return write_tone_dataset(tmp_path_factory.mktemp("tones"))
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer()
+from tests.helpers import REPO, read_events, tiny_train_config
 
 
 def _config(tones, out_dir, **sections) -> TrainConfig:
@@ -136,16 +123,17 @@ def test_a_validation_set_with_no_readable_audio_has_no_loss(tones, tokenizer, c
     assert "validation set Tones-PitchQA/test: none of its 8 items could be read" in caplog.text
 
 
-def test_a_wrong_data_root_ends_the_run_at_once(tones, tmp_path):
+def test_a_wrong_data_root_ends_the_run_at_once(tones, tmp_path, capsys, cli_logging):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(tiny_train_config(tones, tmp_path / "out", data={"data_root": "/nonexistent"})))
     start = time.monotonic()
-    result = _cli("--config", str(path), timeout=180)
+    code = main(["--config", str(path)])
     assert time.monotonic() - start < 180
-    assert result.returncode == 1, result.stderr
-    error = result.stderr.splitlines()[-1]  # after the log lines of reading the manifests, one line
+    stderr = capsys.readouterr().err
+    assert code == 1, stderr
+    error = stderr.splitlines()[-1]  # after the log lines of reading the manifests, one line
     assert error.startswith("error: Tones-PitchQA/train: none of 8 sampled audio files can be read")
-    assert "data.data_root is '/nonexistent'" in error and "Traceback" not in result.stderr
+    assert "data.data_root is '/nonexistent'" in error and "Traceback" not in stderr
     assert not (tmp_path / "out").exists()
 
 
@@ -173,16 +161,19 @@ data.LoadExample.__call__, data.TrainBatches.__next__ = hanging, announced
 from af2_jax.train import main
 sys.exit(main(["--config", {str(path)!r}]))
 """
-    process = subprocess.Popen([sys.executable, "-c", driver], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, env=dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{HERE}"))
+    err_file = tmp_path / "stderr.txt"
+    with open(err_file, "w") as err:  # a file, not a pipe: a pipe nobody reads blocks the run once it is full
+        process = subprocess.Popen([sys.executable, "-c", driver], stdout=subprocess.PIPE, stderr=err, text=True,
+                                   env=dict(os.environ, PYTHONPATH=str(REPO)))
     try:
-        assert process.stdout.readline().strip() == "waiting for data"
+        assert process.stdout.readline().strip() == "waiting for data", err_file.read_text()[-3000:]
         time.sleep(1.0)  # in the wait for the third batch
         sent = time.monotonic()
         process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=60)
+        process.communicate(timeout=60)
     finally:
         process.kill()
+    stderr = err_file.read_text()
     assert time.monotonic() - sent < 30, "the data wait ignored SIGTERM"
     assert process.returncode == 0, stderr
     assert "SIGTERM while waiting for data: stopped at step 2" in stderr
@@ -299,9 +290,9 @@ def test_frozen_parameters_stay_bit_identical(tones, tmp_path):
     assert changed and all(p.startswith(("audio_transformer.", "layers.xattn.", "embed_tokens.")) for p in changed)
 
 
-def _cli(*args, timeout=300):
+def _cli(*args):
     return subprocess.run([sys.executable, "-m", "af2_jax.train", *args], capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=timeout)
+                          env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=300)
 
 
 @pytest.mark.parametrize("override, message", [
@@ -312,16 +303,17 @@ def _cli(*args, timeout=300):
     ("optim.schedule=linear", "optim.schedule 'linear': use constant, cosine"),
     ("data.data_root=/nonexistent", "none of 8 sampled audio files can be read"),  # the audio is checked too
 ])
-def test_bad_configs_fail_before_compiling_with_one_line(tones, tmp_path, override, message):
+def test_bad_configs_fail_before_compiling_with_one_line(tones, tmp_path, capsys, cli_logging, override, message):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(tiny_train_config(tones, tmp_path / "out")))
-    result = _cli("--config", str(path), override, "--dry-run")
+    code = main(["--config", str(path), override, "--dry-run"])
+    stderr = capsys.readouterr().err
     if message is None:
-        assert result.returncode == 0, result.stderr
+        assert code == 0, stderr
         return
-    assert result.returncode == 1, result.stderr
-    error = result.stderr.splitlines()[-1]  # log lines may come first; the error is one line
-    assert error.startswith("error: ") and message in error and "Traceback" not in result.stderr
+    assert code == 1, stderr
+    error = stderr.splitlines()[-1]  # log lines may come first; the error is one line
+    assert error.startswith("error: ") and message in error and "Traceback" not in stderr
     assert not (tmp_path / "out").exists()  # nothing written
 
 
@@ -375,12 +367,11 @@ def test_batch_that_does_not_split_over_the_data_axes(tones, tmp_path):
                                             "use a multiple of 4 or change run.mesh")
 
 
-def test_sharded_train_steps_equal_one_device(tones, tmp_path):
+@pytest.mark.child_processes([sys.executable, "-m", "tests.train_check", "mesh"])
+def test_sharded_train_steps_equal_one_device(child_runs):
     """fsdp=4,tensor=2 on 8 simulated devices, every parameter trainable: loss, grad norm and every gradient of two
     steps equal one device's; the sharded AdamW step equals one device's on the same gradients."""
-    result = subprocess.run([sys.executable, os.path.join(HERE, "train_check.py"), "mesh", str(tones),
-                             str(tmp_path)], capture_output=True, text=True, timeout=600,
-                            env=dict(os.environ, PYTHONPATH=str(REPO)))
+    [result] = child_runs
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     assert "sharded steps equal" in result.stdout
 
@@ -392,12 +383,12 @@ def test_two_processes_train_checkpoint_and_resume(tones, tmp_path):
     (Mutation check: resetting the optimizer state after the restore in `loop.run` makes this fail.)"""
     import portpicker
 
-    script = os.path.join(HERE, "train_check.py")
     env = dict(os.environ, PYTHONPATH=str(REPO))
     for out, steps in ((tmp_path, 2), (tmp_path, 4), (tmp_path / "straight", 4)):
         port = portpicker.pick_unused_port()
-        procs = [subprocess.Popen([sys.executable, script, "process", str(tones), str(out), str(port), str(n),
-                                   str(steps)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        procs = [subprocess.Popen([sys.executable, "-m", "tests.train_check", "process", str(tones), str(out),
+                                   str(port), str(n), str(steps)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, env=env)
                  for n in range(2)]
         outputs = [p.communicate(timeout=300) for p in procs]
         for p, (stdout, err) in zip(procs, outputs):

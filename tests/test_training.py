@@ -20,9 +20,9 @@ from af2_jax.training.config import OptimSection
 from af2_jax.training.labels import IGNORE, make_labels, pad_ids, training_text
 from af2_jax.training.step import (TrainState, clip_gradients, cross_entropy, make_train_step, optimizer, path_str,
                                    split_model, text_cross_entropy)
-from conftest import rel_err
-from reference import AF2Reference
-from reference.af2_torch import int16_round_trip, log_mel
+from tests.helpers import rel_err
+from tests.reference import AF2Reference
+from tests.reference.af2_torch import int16_round_trip, log_mel
 
 T = SpecialTokens()
 A, EOC, PAD, SEP, EOS = T.media, T.end_of_chunk, T.pad, T.sep, T.eos

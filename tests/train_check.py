@@ -1,27 +1,28 @@
 """Training under several devices or processes, run in a subprocess (device flags must precede jax's start).
 
-    python tests/train_check.py mesh DATA OUT
-        8 simulated devices, every parameter trainable, no warmup: two optimizer steps on fsdp=4,tensor=2, each
-        from the one-device run's state, against one device's: the loss, the gradient norm and every gradient handed
-        to AdamW (each non-zero) within 1e-5; AdamW's new parameters and state = AdamW on one device applied to the
-        sharded gradients (1e-6); frozen state bit-identical.
-    python tests/train_check.py process DATA OUT PORT PROCESS_ID STEPS
+    python -m tests.train_check mesh
+        8 simulated devices, the tone set (tests.helpers.write_tone_dataset) in a temporary folder, every parameter
+        trainable, no warmup: two optimizer steps on fsdp=4,tensor=2, each from the one-device run's state, against
+        one device's: the loss, the gradient norm and every gradient handed to AdamW (each non-zero) within 1e-5;
+        AdamW's new parameters and state = AdamW on one device applied to the sharded gradients (1e-6); frozen state
+        bit-identical.
+    python -m tests.train_check process DATA OUT PORT PROCESS_ID STEPS
         one of two processes (4 simulated devices each) training the tiny model to STEPS on fsdp=8 (resuming from
         OUT/two if a checkpoint is there).
 """
 
 import os
 import sys
+import tempfile
 
 COUNT = 8 if sys.argv[1] == "mesh" else 4
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={COUNT}"
-sys.path.insert(0, os.path.dirname(__file__))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from conftest import tiny_train_config  # noqa: E402
+from tests.helpers import tiny_train_config, write_tone_dataset  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -42,7 +43,7 @@ def _flat(state) -> dict:
 
 
 def _max_relative(actual, expected) -> float:
-    """Largest difference relative to the largest magnitude (conftest.rel_err)."""
+    """Largest difference relative to the largest magnitude (tests.helpers.rel_err)."""
     expected = np.asarray(expected, np.float64)
     return float(np.abs(np.asarray(actual, np.float64) - expected).max() / max(np.abs(expected).max(), 1e-30))
 
@@ -59,7 +60,7 @@ def _placed(state, mesh):
     return jax.tree.map(lambda x: x.sharding if x.committed else replicated, state)
 
 
-def mesh_check(data, out):
+def mesh_check(data: Path):
     import time
 
     import optax
@@ -74,7 +75,7 @@ def mesh_check(data, out):
     # Every parameter trains (the tensor-parallel LM layers too); no warmup, so both steps move the parameters;
     # max_grad_norm above the gradient norm, so the gradient kept before AdamW is the raw accumulated one.
     max_norm = 1e3
-    config = _build(TrainConfig, tiny_train_config(Path(data), Path(out), optim={
+    config = _build(TrainConfig, tiny_train_config(data, data / "out", optim={
         "trainable": "full", "batch_size": 8, "warmup_steps": 0, "max_grad_norm": max_norm}), "")
     tokenizer = load_training_tokenizer(config)
     meshes = {"one": make_mesh("fsdp=1", jax.devices()[:1]), "split": make_mesh("fsdp=4,tensor=2", jax.devices())}
@@ -88,7 +89,7 @@ def mesh_check(data, out):
         # mutation check: give the "split" side a keep_gradient whose update returns `(3 * g, 3 * g)` (its gradients
         # 3x too large) -> fails on the first gradient (relative error 2.0). When this check compared only the
         # parameters after AdamW, which is blind to gradient scale, 23 of 26 trainable tensors came out identical.
-        # mutation check: "gate_init": 0 in conftest.TINY_TRAIN_OVERRIDES -> "audio_encoder.bn0.bias has a zero
+        # mutation check: "gate_init": 0 in tests.helpers.TINY_TRAIN_OVERRIDES -> "audio_encoder.bn0.bias has a zero
         # gradient".
         steps[side] = jax.jit(make_train_step(graphdef, tx, config.optim))
         states[side] = TrainState(params, tx.init(params), jax.numpy.int32(0))
@@ -170,4 +171,8 @@ if __name__ == "__main__":
 
     logging.basicConfig(level=logging.INFO)
     mode, *args = sys.argv[1:]
-    mesh_check(*args) if mode == "mesh" else process_check(*args)
+    if mode == "mesh":
+        with tempfile.TemporaryDirectory() as folder:
+            mesh_check(write_tone_dataset(Path(folder)))
+    else:
+        process_check(*args)

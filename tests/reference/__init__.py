@@ -1,5 +1,5 @@
 """Our PyTorch reference of AF2 (torch + transformers only): the oracle for parity tests and the benchmarks' baseline."""
 
-from reference.af2_torch import AF2Reference, original_schema, qwen_config
+from tests.reference.af2_torch import AF2Reference, original_schema, qwen_config
 
 __all__ = ["AF2Reference", "original_schema", "qwen_config"]
