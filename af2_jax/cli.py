@@ -21,7 +21,7 @@ Exit codes:
   1    an input, item, config file or key=value could not be used, or the plan does not fit (one-line error)
   2    bad command-line arguments
   130  interrupted by Ctrl-C (SIGINT)"""
-EXIT_OK, EXIT_INPUT, EXIT_ARGUMENTS, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_INPUT, EXIT_ARGUMENTS, EXIT_INTERRUPTED = 1, 2, 130
 
 
 def prog(command: str) -> str:
