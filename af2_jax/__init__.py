@@ -1,7 +1,7 @@
 """af2-jax: Audio Flamingo 2 in JAX/Flax NNX."""
 
 from af2_jax import audio, config
-from af2_jax.checkpoint.store import load, save
+from af2_jax.checkpoint.native import load, save
 from af2_jax.generate import generate
 from af2_jax.nn.af2 import relayout
 from af2_jax.pipeline import answer

@@ -41,7 +41,7 @@ marks = {}
 def mark(name):
     marks[name] = time.perf_counter()
 import af2_jax
-from af2_jax.infer import DEMO_CHECKPOINT
+from af2_jax.checkpoint.resolve import DEMO_CHECKPOINT
 from af2_jax.pipeline import answer_items, prepare
 mark("imports")
 tokenizer = af2_jax.load_tokenizer(DEMO_CHECKPOINT)

@@ -134,6 +134,14 @@ class Fixture:
         return self._reference
 
 
+def is_layered(path: str) -> bool:
+    """Whether a parameter path of a stacked `AF2Model` holds all LM layers on a leading axis: the key map then
+    addresses it per layer, as `path[i]`."""
+    from af2_jax.checkpoint.keymap import to_source
+
+    return to_source(f"{path}[0]") is not None
+
+
 def rel_err(actual, expected) -> float:
     """Max abs error relative to the max abs value of the expected array."""
     expected = np.asarray(expected, np.float64)

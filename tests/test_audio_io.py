@@ -38,7 +38,7 @@ def test_int16_round_trip_truncates_toward_zero():
 
 
 def _reference_pipeline(path, channel_mix):
-    """The original's recipe written out with the libraries directly (AF2_SPEC 2.1-2.2)."""
+    """The original's recipe written out with the libraries directly (docs/original.md#audio-loading, #windows)."""
     data, rate = sf.read(str(path), dtype="float64", always_2d=True)
     if np.max(np.abs(data)) > 1 and channel_mix is not _mean:  # the peak over all channels
         data = data / np.max(np.abs(data))
@@ -219,7 +219,7 @@ _PYTHON_USER = """
 import sys
 from tqdm import tqdm
 from af2_jax.audio import load_windows
-from af2_jax.cli import setup_logging
+from af2_jax.cli.common import setup_logging
 from af2_jax.config import AudioConfig
 
 demo = AudioConfig(window_seconds=3.0, max_windows=1)  # the demo model's audio: one 3 s window

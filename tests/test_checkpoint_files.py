@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 
 import af2_jax
-from af2_jax.checkpoint import CheckpointError, SafetensorsCheckpoint, store
+from af2_jax.checkpoint import CheckpointError, SafetensorsCheckpoint
+from af2_jax.checkpoint import folder as checkpoint_folder
+from af2_jax.checkpoint import convert as convert_module
 from af2_jax.checkpoint.convert import convert, export, inspect
-from af2_jax.convert import main as convert_cli
+from af2_jax.cli.convert import main as convert_cli
 from tests.helpers import REPO
 
 FLOAT_PARAM = "lang_encoder.model.norm.weight"  # a parameter every AF2 checkpoint has, stored as F32 in the fixture
@@ -279,7 +281,7 @@ def test_damaged_checkpoint_gives_one_line(converted, tmp_path, case):
 
 
 def test_infer_cli_on_damaged_arrays_prints_one_line(small_checkpoint, tmp_path, capsys):
-    from af2_jax.infer import main as infer_cli
+    from af2_jax.cli.infer import main as infer_cli
 
     folder = tmp_path / "damaged"
     shutil.copytree(small_checkpoint, folder)
@@ -312,7 +314,7 @@ def test_unwritable_dst_is_refused_before_any_tensor_is_read(golden, converted, 
     def no_restore(*args):
         raise AssertionError("the source was read before the destination was checked")
 
-    monkeypatch.setattr(store, "restore_tree", no_restore)
+    monkeypatch.setattr(convert_module, "restore_tree", no_restore)
     assert convert_cli([str(converted), str(dst), "--export"]) == 1
     _assert_one_line(capsys.readouterr().err, str(dst))
     assert blocker.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["file"]
@@ -324,7 +326,8 @@ def test_read_only_dst_is_refused_before_any_tensor_is_read(golden, tmp_path, mo
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
-    monkeypatch.setattr(store.tempfile, "mkdtemp", read_only)  # root can write anywhere: simulate the filesystem
+    # root can write anywhere: simulate the filesystem
+    monkeypatch.setattr(checkpoint_folder.tempfile, "mkdtemp", read_only)
     dst = tmp_path / "out"
     with pytest.raises(CheckpointError, match="cannot write in .*Read-only file system.*choose a writable DST") as err:
         convert(golden.weights, dst, golden.path / "config.json")
@@ -343,14 +346,14 @@ def test_only_leftovers_of_the_same_dst_are_removed(tmp_path, caplog):
         (tmp_path / name / "chunk").write_text("x")
     (tmp_path / ".jax.partial-file0000").write_text("a file, not a folder")
     (tmp_path / ".jax.old-4242").mkdir()
-    store.AtomicFolder(dst, overwrite=False)
+    checkpoint_folder.AtomicFolder(dst, overwrite=False)
     remaining = sorted(p.name for p in tmp_path.iterdir())
     # The old copy of a replaced DST is kept while DST itself is missing: it is the only complete copy.
     assert remaining == sorted(kept + [".jax.partial-file0000", ".jax.old-4242"])
     assert all(f"removing {tmp_path / name}, left over from an interrupted run" in caplog.text for name in leftovers)
     assert f"kept {tmp_path / '.jax.old-4242'}" in caplog.text
     dst.mkdir()
-    store.AtomicFolder(dst, overwrite=True)
+    checkpoint_folder.AtomicFolder(dst, overwrite=True)
     assert not (tmp_path / ".jax.old-4242").exists() and (tmp_path / ".jax.old-12x").is_dir()
 
 

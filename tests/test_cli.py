@@ -1,5 +1,5 @@
-"""What every command shares (af2_jax/cli.py): the exit-code table, the console scripts, the accelerator extras, the
-one-line warning on a CPU-only jaxlib, and JAX's start-up noise muted without muting its warnings.
+"""What every command shares (af2_jax/cli/common.py): the exit-code table, the console scripts, the accelerator
+extras, the one-line warning on a CPU-only jaxlib, and JAX's start-up noise muted without muting its warnings.
 
 Each CLI's own bad argument / bad input pair lives here for convert, plan and audio; infer's and train's beside their
 other tests (test_infer.py, test_metrics.py)."""
@@ -14,11 +14,13 @@ from importlib import metadata
 import jax
 import pytest
 
-from af2_jax import cli
+from af2_jax.cli import common as cli
 from tests.helpers import FIXTURE_DIRS
 
-COMMANDS = {"infer": "af2_jax.infer", "convert": "af2_jax.convert", "train": "af2_jax.train",
-            "plan": "af2_jax.plan", "audio": "af2_jax.audio.__main__"}
+COMMANDS = {name: f"af2_jax.cli.{name}" for name in ("infer", "convert", "train", "plan", "audio")}
+# What `python -m af2_jax.X` runs: a shim over the command's module.
+SHIMS = {"infer": "af2_jax.infer", "convert": "af2_jax.convert", "train": "af2_jax.train", "plan": "af2_jax.plan",
+         "audio": "af2_jax.audio.__main__"}
 
 
 def _requirements() -> list[str]:
@@ -46,7 +48,8 @@ def test_optional_extras_are_pinned_and_not_in_the_core():
 def test_every_command_has_a_console_script_and_shows_the_exit_codes(capsys):
     scripts = {e.name: e.value for e in metadata.entry_points(group="console_scripts") if e.name.startswith("af2-")}
     assert scripts == {f"af2-{name}": f"{module}:main" for name, module in COMMANDS.items()}
-    for module in COMMANDS.values():
+    for name, module in COMMANDS.items():
+        assert importlib.import_module(SHIMS[name]).main is importlib.import_module(module).main
         with pytest.raises(SystemExit) as done:
             importlib.import_module(module).main(["--help"])
         assert done.value.code == 0
@@ -70,13 +73,13 @@ def test_exit_codes(command, bad_argument, bad_input, message, capsys):
 
 
 def test_ctrl_c_is_130_and_says_what_is_kept(monkeypatch, capsys):
-    import af2_jax.convert
+    import af2_jax.cli.convert
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(af2_jax.convert, "inspect", interrupted)
-    assert af2_jax.convert.main(["some/release", "--dry-run"]) == cli.EXIT_INTERRUPTED
+    monkeypatch.setattr(af2_jax.cli.convert, "inspect", interrupted)
+    assert af2_jax.cli.convert.main(["some/release", "--dry-run"]) == cli.EXIT_INTERRUPTED
     assert "interrupted" in capsys.readouterr().err
 
 

@@ -29,7 +29,8 @@ SIZE_FIELDS = {
 }
 # Fields a fixture's config.json does not state (from_original_config leaves them at their defaults), pinned here to
 # the original's values: fixtures README section 1 (log-mel floor, HTSAT LayerNorm / BatchNorm eps, cross-attention
-# LayerNorm eps), the original's zero-initialised tanh gates and hard-coded attention dropout, AF2_SPEC 5.1.
+# LayerNorm eps), the original's zero-initialised tanh gates and hard-coded attention dropout
+# (docs/original.md#cross-attention, #attn-dropout).
 NOT_IN_FIXTURE_CONFIG = {
     ("audio", "power_floor"): 1e-10,
     ("htsat", "layer_norm_eps"): 1e-5,

@@ -14,7 +14,7 @@ import safetensors.numpy
 import af2_jax
 from af2_jax.checkpoint import CheckpointError, SafetensorsCheckpoint
 from af2_jax.checkpoint.convert import convert, export, inspect
-from af2_jax.convert import main as convert_cli
+from af2_jax.cli.convert import main as convert_cli
 from tests.fake_release import full_state_dict, write_sparse_release
 from tests.helpers import FIXTURES, REPO
 
@@ -157,7 +157,7 @@ def test_differing_alias_twin_is_an_error_unless_allowed(golden, tmp_path):
     convert(path, tmp_path / "jax", golden.path / "config.json", "float32", allow_alias_mismatch=True)
     model = af2_jax.load(tmp_path / "jax", dtype="float32")
     np.testing.assert_array_equal(np.asarray(model.embed_tokens.embedding[...]),
-                                  tensors["lang_encoder.lm_head.weight"])  # the alias wins (AF2_SPEC 4.3)
+                                  tensors["lang_encoder.lm_head.weight"])  # the alias wins (original.md#alias-keys)
 
 
 def _bad_sources(tmp_path, golden):
@@ -197,12 +197,12 @@ def test_existing_dst_is_refused_and_never_half_written(golden, tmp_path, monkey
         convert(golden.weights, dst, golden.path / "config.json")
     assert (dst / "keep.txt").read_text() == "mine"
 
-    from af2_jax.checkpoint import store
+    from af2_jax.checkpoint import convert as convert_module
 
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(store, "write_config", fail)
+    monkeypatch.setattr(convert_module, "write_config", fail)
     with pytest.raises(OSError, match="disk full"):
         convert(golden.weights, dst, golden.path / "config.json", overwrite=True)
     assert (dst / "keep.txt").read_text() == "mine"  # the old DST is untouched
@@ -232,9 +232,9 @@ def test_the_suite_writes_nothing_under_the_users_cache(session_root):
     """conftest points AF2_JAX_HOME and the JAX compilation cache into this session's temporary folder, for this
     process and for every command a test starts, so converted releases and compiled programs never land in
     ~/.cache."""
-    from af2_jax.infer import cache_dir
+    from af2_jax.cache import cache_dir
 
-    script = "import jax, af2_jax.infer as infer; print(infer.cache_dir()); print(jax.config.jax_compilation_cache_dir)"
+    script = "import jax, af2_jax.cache as cache; print(cache.cache_dir()); print(jax.config.jax_compilation_cache_dir)"
     child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                            env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert child.returncode == 0, child.stderr

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 import af2_jax
-from af2_jax.infer import DEMO_CHECKPOINT
+from af2_jax.checkpoint.resolve import DEMO_CHECKPOINT
 from af2_jax.pipeline import answer_items, prepare
 from af2_jax.training.loop import normalise_answer
 from tests.helpers import REPO

@@ -13,7 +13,7 @@ import warnings
 import pytest
 
 import af2_jax
-from af2_jax.infer import DEMO_CHECKPOINT
+from af2_jax.checkpoint.resolve import DEMO_CHECKPOINT
 from af2_jax.tokenizer import TokenizerError
 
 QUESTION = "how many beeps are there?"

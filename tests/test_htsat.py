@@ -9,7 +9,8 @@ from flax import nnx
 from af2_jax.checkpoint import CheckpointError, SafetensorsCheckpoint, flat_shapes, load_htsat, map_names
 from af2_jax.checkpoint.keymap import CLAP_PREFIXES, DEAD_PATTERNS, canonical_name
 from af2_jax.config import PRESETS
-from af2_jax.nn.htsat import HTSAT, encode_windows, relative_position_index, shifted_window_mask
+from af2_jax.nn.buffers import relative_position_index, shifted_window_mask, swin_block_geometry
+from af2_jax.nn.htsat import HTSAT, encode_windows
 from tests.helpers import FIXTURES, rel_err
 
 
@@ -49,11 +50,9 @@ def test_constant_buffers_in_file_equal_recomputed(golden):
                          name)
         if not m:
             continue
-        stage = int(m[1])
-        resolution = cfg.patch_grid // 2 ** stage
-        window = min(cfg.window_size, resolution)
+        resolution, window, shift = swin_block_geometry(cfg, int(m[1]), int(m[2]))
         if m[3] == "attn_mask":
-            expected = shifted_window_mask(resolution, window, cfg.window_size // 2)
+            expected = shifted_window_mask(resolution, window, shift)
         else:
             expected = relative_position_index(window)
         np.testing.assert_array_equal(ckpt.get(name), expected)

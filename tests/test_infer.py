@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 import af2_jax
-from af2_jax.cli import EXIT_CODES
-from af2_jax.infer import DEMO_CHECKPOINT
-from af2_jax.infer import main as infer_cli
+from af2_jax.cli.common import EXIT_CODES
+from af2_jax.checkpoint.resolve import DEMO_CHECKPOINT
+from af2_jax.cli.infer import main as infer_cli
 from tests.helpers import REPO, pygame_clip_dir
 
 
@@ -132,9 +132,9 @@ def test_conflicting_flags_exit_2(args, capsys):
 
 def test_no_checkpoint_says_what_to_pass(audio_files, capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("AF2_JAX_HOME", str(tmp_path / "cache"))
-    import af2_jax.infer as infer_module
+    import af2_jax.checkpoint.resolve as resolve_module
 
-    monkeypatch.setattr(infer_module, "DEMO_CHECKPOINT", tmp_path / "no-demo")
+    monkeypatch.setattr(resolve_module, "DEMO_CHECKPOINT", tmp_path / "no-demo")
     assert infer_cli(["--audio", str(audio_files["speech"]), "--prompt", "hi"]) == 1
     err = capsys.readouterr().err
     assert "no checkpoint: pass --checkpoint DIR" in err and "--download" in err
@@ -185,12 +185,12 @@ def test_help_shows_the_exit_codes(capsys):
 
 
 def test_ctrl_c_exits_130(audio_files, capsys, monkeypatch):
-    import af2_jax.infer as infer_module
+    import af2_jax.checkpoint.resolve as resolve_module
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(infer_module, "resolve_checkpoint", interrupted)
+    monkeypatch.setattr(resolve_module, "resolve_checkpoint", interrupted)
     assert infer_cli(["--audio", str(audio_files["speech"]), "--prompt", "hi"]) == 130
     assert "interrupted" in capsys.readouterr().err
 
@@ -200,7 +200,7 @@ def test_compilation_cache_goes_where_the_user_says(tmp_path, monkeypatch):
     AF2_JAX_COMPILATION_CACHE=0 leaves the cache off."""
     import jax
 
-    from af2_jax.checkpoint.store import use_compilation_cache
+    from af2_jax.cache import use_compilation_cache
 
     chosen = jax.config.jax_compilation_cache_dir  # the session's, from JAX_COMPILATION_CACHE_DIR (conftest)
     monkeypatch.setenv("AF2_JAX_HOME", str(tmp_path))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from af2_jax.infer import main as infer_cli
+from af2_jax.cli.infer import main as infer_cli
 
 LONG_PROMPT = "word " * 600  # about 600 tokens, over the 512 a prompt may have
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from af2_jax.train import main
+from af2_jax.cli.train import main
 from af2_jax.training.config import ConfigError, TrainConfig, _build, _parse_yaml, check, keys
 from af2_jax.training.metrics import MetricsWriter, Progress
 from tests.helpers import read_events, tiny_train_config

@@ -5,7 +5,7 @@ import torch
 from flax import nnx
 
 import af2_jax
-from af2_jax.convert import main as convert_cli
+from af2_jax.cli.convert import main as convert_cli
 from af2_jax.nn.af2 import relayout
 from tests.helpers import rel_err
 

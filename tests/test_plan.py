@@ -21,7 +21,7 @@ def test_3b_on_one_device_fits_the_spec_budget(child_runs):
     [run] = child_runs
     gb = _values(run)
     assert run.returncode == 0, run.stderr
-    assert 9.5 < gb["weights"] < 9.7  # AF2_SPEC 7.2: 9.6 GB of bfloat16 weights
+    assert 9.5 < gb["weights"] < 9.7  # 9.6 GB of bfloat16 weights (docs/original.md#parameter-counts)
     assert gb["weights + caches"] < 10.5
 
 

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from af2_jax.config import SpecialTokens
-from af2_jax.train import main
+from af2_jax.cli.train import main
 from af2_jax.training.config import ConfigError, TrainConfig, _build, load_config
 from af2_jax.training.data import LoadExample, TrainBatches, blend, validation_sets
 from af2_jax.training.labels import IGNORE
@@ -158,7 +158,7 @@ def announced(self, calls=[]):  # the training loop calls this
         print("waiting for data", flush=True)
     return batch(self)
 data.LoadExample.__call__, data.TrainBatches.__next__ = hanging, announced
-from af2_jax.train import main
+from af2_jax.cli.train import main
 sys.exit(main(["--config", {str(path)!r}]))
 """
     err_file = tmp_path / "stderr.txt"

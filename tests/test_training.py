@@ -14,13 +14,12 @@ from flax import nnx
 
 from af2_jax.checkpoint import SafetensorsCheckpoint, load_original
 from af2_jax.checkpoint.keymap import to_source
-from af2_jax.checkpoint.load import is_stacked
 from af2_jax.config import SpecialTokens
 from af2_jax.training.config import OptimSection
 from af2_jax.training.labels import IGNORE, make_labels, pad_ids, training_text
 from af2_jax.training.step import (TrainState, clip_gradients, cross_entropy, make_train_step, optimizer, path_str,
                                    split_model, text_cross_entropy)
-from tests.helpers import rel_err
+from tests.helpers import is_layered, rel_err
 from tests.reference import AF2Reference
 from tests.reference.af2_torch import int16_round_trip, log_mel
 
@@ -118,7 +117,7 @@ def test_loss_and_gradients_match_pytorch(golden, gather):
     for path, grad in nnx.to_flat_state(grads):
         p = path_str(path)
         value = np.asarray(grad[...])
-        slots = [(f"{p}[{i}]", value[i]) for i in range(value.shape[0])] if is_stacked(p) else [(p, value)]
+        slots = [(f"{p}[{i}]", value[i]) for i in range(value.shape[0])] if is_layered(p) else [(p, value)]
         for slot, ours in slots:
             name, transform = to_source(slot)
             expected = transform.to_jax(torch_grads[name])
@@ -130,7 +129,7 @@ def test_loss_and_gradients_match_pytorch(golden, gather):
 
 
 # --- clipping and AdamW vs torch --------------------------------------------------------------------------------
-# The modules the original clips each on its own (AF2_SPEC 5.3, Q28: src/flamingo.py wrap_fsdp), by the original
+# The modules the original clips each on its own (docs/original.md#clipping: src/flamingo.py wrap_fsdp), by the original
 # parameter names: the audio encoder, the audio transformer, every gated cross-attention block, the embedding.
 ORIGINAL_CLIP_MODULES = re.compile(r"(clap|audio_transformer_clap|lang_encoder\.model\.embed_tokens"
                                    r"|lang_encoder\.model\.layers\.\d+\.gated_cross_attn_layer_sound)\.")
@@ -140,7 +139,7 @@ def _slots(state):
     """(slot, array) for each tensor of a state; a stacked tensor gives one slot per layer, named as the keymap."""
     for path, var in nnx.to_flat_state(state):
         p, value = path_str(path), np.asarray(var[...])
-        if is_stacked(p):
+        if is_layered(p):
             yield from ((f"{p}[{i}]", value[i]) for i in range(value.shape[0]))
         else:
             yield p, value
@@ -163,7 +162,7 @@ def _from_slots(like, slots: dict):
     """A state shaped as `like` from per-slot arrays."""
     def one(path, var):
         p = path_str(path)
-        if is_stacked(p):
+        if is_layered(p):
             return var.replace(jnp.asarray(np.stack([slots[f"{p}[{i}]"] for i in range(var[...].shape[0])])))
         return var.replace(jnp.asarray(slots[p]))
 
@@ -312,7 +311,7 @@ def test_accumulated_step_equals_one_step_on_the_whole_batch(golden, trainer):
 
 
 def test_clip_every_microstep_matches_a_torch_loop(golden, trainer):
-    """The original's loop (AF2_SPEC 5.3, Q28): per micro-batch, backward of its mean loss / grad_accum into the
+    """The original's loop (docs/original.md#clipping): per micro-batch, backward of its mean loss / grad_accum into the
     accumulated .grad, then clip_grad_norm_ of each module; AdamW after the last. Our grad_accum=2 step with
     clip_every_microstep against that loop in torch, fed each micro-batch's gradient (a row each, with 7 and 6
     labelled tokens, so the mean of the micro-batches' means is not the batch mean). Every module is clipped at both
@@ -358,11 +357,11 @@ def test_clip_every_microstep_matches_a_torch_loop(golden, trainer):
 
 
 def test_trainable_presets_count_what_the_original_trained():
-    """AF2_SPEC 5.3 counts 1 745 406 024 trainable parameters for pretrain and 2 024 176 031 for SFT at 3B. The
-    SFT count includes 7 918 015 HTSAT parameters that are dead in AF2's forward, so they never received a gradient
-    and the port does not build them: the STFT/mel bases (1 083 456), the classifier head (6 754 559) and the fusion
-    branch (80 000), counted from the 3B release's shape map (written out here, not recomputed by the code under
-    test)."""
+    """The original's recipe (docs/original.md#training-recipe) counts 1 745 406 024 trainable parameters for
+    pretrain and 2 024 176 031 for SFT at 3B. The SFT count includes 7 918 015 HTSAT parameters that are dead in AF2's
+    forward, so they never received a gradient and the port does not build them: the STFT/mel bases (1 083 456), the
+    classifier head (6 754 559) and the fusion branch (80 000), counted from the 3B release's shape map (written out
+    here, not recomputed by the code under test)."""
     from af2_jax.config import preset
     from af2_jax.nn.af2 import AF2Model
 

@@ -18,10 +18,18 @@ import jax
 import numpy as np
 from flax import nnx
 
-from af2_jax.checkpoint import keymap, store
-from af2_jax.checkpoint.load import checked_report, is_stacked, plan, slot_shapes, slot_values
-from af2_jax.checkpoint.reader import CheckpointError, SafetensorsCheckpoint, write_safetensors
+from af2_jax.checkpoint import keymap
+from af2_jax.checkpoint.errors import CheckpointError, reason
+from af2_jax.checkpoint.folder import AtomicFolder, read_config, write_config
+from af2_jax.checkpoint.native import storage_dtype
+from af2_jax.checkpoint.orbax_tree import flatten, nest, restore_tree, save_tree, stored_shapes
+from af2_jax.checkpoint.original import checked_report, map_checkpoint, slot_shapes, slot_values
+from af2_jax.checkpoint.safetensors_io import SafetensorsCheckpoint, write_safetensors
 from af2_jax.config import PRESETS, AF2Config, resolve_model_config
+from af2_jax.nn.af2 import AF2Model
+from af2_jax.nn.layer_stack import Slot, slots
+from af2_jax.sharding import Placement, format_mesh, make_mesh, variable_sharding
+from af2_jax.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +52,7 @@ def download_release(repo_id: str) -> Path:
 
         folder = snapshot_download(repo_id=repo_id, allow_patterns=["safe_ckpt/*"])
     except Exception as err:  # offline, unknown repo, auth: all end the same way for the user
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise CheckpointError(f"could not download {repo_id} from the Hugging Face hub ({reason}); download "
+        raise CheckpointError(f"could not download {repo_id} from the Hugging Face hub ({reason(err)}); download "
                               "its safe_ckpt/ folder elsewhere and pass the local folder as SRC") from None
     return Path(folder)
 
@@ -78,10 +85,9 @@ def resolve_config(model, ckpt: SafetensorsCheckpoint) -> AF2Config:
         raise CheckpointError(str(err)) from None
 
 
-def _abstract_model(config: AF2Config):
-    from af2_jax.nn.af2 import AF2Model
-
-    return nnx.eval_shape(lambda: AF2Model(config, rngs=nnx.Rngs(0)))
+def _model_slots(config: AF2Config) -> list[Slot]:
+    """The checkpoint slots of an abstract model of `config` (no weights allocated)."""
+    return slots(nnx.eval_shape(lambda: AF2Model(config, rngs=nnx.Rngs(0))))
 
 
 @dataclasses.dataclass
@@ -106,10 +112,10 @@ def inspect(src, model=None, dtype="bfloat16") -> Inspection:
     tensor data."""
     ckpt = open_source(src)
     config = resolve_config(model, ckpt)
-    variables = store.model_variables(_abstract_model(config))
-    report = plan(ckpt, slot_shapes(variables), config, what="the AF2 model")
-    params = sum(int(np.prod(v.shape)) for _, v in variables)
-    out_bytes = sum(int(np.prod(v.shape)) * store.storage_dtype(v, dtype).itemsize for _, v in variables)
+    model_slots = _model_slots(config)
+    report = map_checkpoint(ckpt, slot_shapes(model_slots), config, what="the AF2 model")
+    params = sum(int(np.prod(s.shape)) for s in model_slots)
+    out_bytes = sum(int(np.prod(s.shape)) * storage_dtype(s.variable, dtype).itemsize for s in model_slots)
     return Inspection(config, report, params, out_bytes)
 
 
@@ -122,42 +128,38 @@ def convert(src, dst, model=None, dtype="bfloat16", *, overwrite=False, allow_al
     each device's shard as whole chunks."""
     ckpt = open_source(src)
     config = resolve_config(model, ckpt)
-    variables = store.model_variables(_abstract_model(config))
+    model_slots = _model_slots(config)
     placement = None
     if mesh is not None:
-        from af2_jax.sharding import Placement, format_mesh, make_mesh, variable_sharding
-
         mesh = make_mesh(mesh) if isinstance(mesh, (str, dict)) else mesh
         placement = Placement(mesh, config)
         log.info("laying the checkpoint out for mesh %s: %s", format_mesh(dict(mesh.shape)), placement.report())
     # An unusable DST is refused before any tensor is read; a refused source leaves neither DST nor a partial folder.
-    with store.AtomicFolder(dst, overwrite) as tmp:
-        report = checked_report(ckpt, variables, config, what="the AF2 model",
+    with AtomicFolder(dst, overwrite) as tmp:
+        report = checked_report(ckpt, model_slots, config, what="the AF2 model",
                                 allow_alias_mismatch=allow_alias_mismatch)
         params = {}
-        for path, var, value in slot_values(variables, report, ckpt.get,
-                                            lambda var: store.storage_dtype(var, dtype)):
+        for slot, value in slot_values(model_slots, report, ckpt.get, lambda var: storage_dtype(var, dtype)):
             # Hand Orbax device arrays: given numpy, it copies the whole tree to the device before writing.
-            params[path] = jax.device_put(value, None if placement is None else variable_sharding(var, placement))
+            params[slot.path] = jax.device_put(
+                value, None if placement is None else slot.sharding(variable_sharding(slot.variable, placement)))
             del value  # peak memory: the output plus one tensor
         unused = {name: ckpt.get(name) for name in report.dead}
         log.info("kept aside, unused at inference (%d tensors, restored by --export): %s", len(unused),
                  ", ".join(sorted(unused)))
         clap_prefix = next((p for p in keymap.CLAP_PREFIXES if any(n.startswith(p) for n in ckpt.keys())),
                            keymap.CANONICAL_CLAP_PREFIX)
-        store.save_tree(tmp / "params", store.nest(params))
+        save_tree(tmp / "params", nest(params))
         del params
-        store.save_tree(tmp / "unused", store.nest(unused))
+        save_tree(tmp / "unused", nest(unused))
         if config.lm.vocab_size == RELEASED_VOCAB:
             # The release ships no tokenizer; AF2's is Qwen2.5's plus four tokens, rebuilt offline here.
-            from af2_jax.tokenizer import load_tokenizer
-
             load_tokenizer(tokens=config.tokens).save(tmp / "tokenizer")
-        store.write_config(tmp, config, {"dtype": np.dtype(dtype).name, "clap_prefix": clap_prefix,
-                                         "source": str(ckpt.source),
-                                         "layout_mesh": None if mesh is None else dict(mesh.shape),
-                                         # Original shapes: Orbax does not keep 0-d shapes (BatchNorm counters).
-                                         "unused": {n: list(v.shape) for n, v in sorted(unused.items())}})
+        write_config(tmp, config, {"dtype": np.dtype(dtype).name, "clap_prefix": clap_prefix,
+                                   "source": str(ckpt.source),
+                                   "layout_mesh": None if mesh is None else dict(mesh.shape),
+                                   # Original shapes: Orbax does not keep 0-d shapes (BatchNorm counters).
+                                   "unused": {n: list(v.shape) for n, v in sorted(unused.items())}})
     log.info("wrote %s", dst)
     return Path(dst)
 
@@ -166,10 +168,9 @@ def export(src, dst, *, overwrite=False, chunk_bytes: int = DEFAULT_CHUNK_BYTES)
     """Writes an af2-jax checkpoint back in the released layout (`dst/safe_ckpt/metadata.json` + chunks) under the
     original names, float32, with aliases, constant buffers and the kept-aside tensors restored."""
     folder = Path(src)
-    config, meta = store.read_config(folder)
-    variables = store.model_variables(_abstract_model(config))
-    with store.AtomicFolder(dst, overwrite) as tmp:  # an unusable DST is refused before the arrays are read
-        entries = _original_entries(folder, config, meta, variables)
+    config, meta = read_config(folder)
+    with AtomicFolder(dst, overwrite) as tmp:  # an unusable DST is refused before the arrays are read
+        entries = _original_entries(folder, config, meta, _model_slots(config))
         safe = tmp / "safe_ckpt"
         safe.mkdir()
         chunks, current, size = {}, [], 0
@@ -188,15 +189,15 @@ def export(src, dst, *, overwrite=False, chunk_bytes: int = DEFAULT_CHUNK_BYTES)
     return Path(dst)
 
 
-def _original_entries(folder: Path, config: AF2Config, meta: dict, variables) -> list:
+def _original_entries(folder: Path, config: AF2Config, meta: dict, model_slots: list[Slot]) -> list:
     """(original name, shape, dtype, produce) for every tensor of the original state_dict, from the af2-jax
     checkpoint in `folder`: its arrays are read here, each tensor is made when `produce()` is called."""
-    stored = store.stored_shapes(folder / "params")
-    params = store.flatten(store.restore_tree(folder / "params", store.nest(
-        {p: jax.ShapeDtypeStruct(*stored[p]) for p, _ in variables})))
+    stored = stored_shapes(folder / "params")
+    params = flatten(restore_tree(folder / "params", nest(
+        {s.path: jax.ShapeDtypeStruct(*stored[s.path]) for s in model_slots})))
     unused_names = list(meta.get("unused", {}))
-    stored_unused = store.stored_shapes(folder / "unused") if unused_names else {}
-    unused = store.flatten(store.restore_tree(folder / "unused", store.nest(
+    stored_unused = stored_shapes(folder / "unused") if unused_names else {}
+    unused = flatten(restore_tree(folder / "unused", nest(
         {n: jax.ShapeDtypeStruct(*stored_unused[n]) for n in unused_names}))) if unused_names else {}
     unused_shapes = {n: (tuple(meta["unused"][n]), stored_unused[n][1]) for n in unused_names}
     prefix = meta.get("clap_prefix", keymap.CANONICAL_CLAP_PREFIX)
@@ -206,14 +207,12 @@ def _original_entries(folder: Path, config: AF2Config, meta: dict, variables) ->
             else name
 
     entries = []  # (name, shape, dtype, produce)
-    for path, var in variables:
-        stacked = is_stacked(path)
-        for i in (range(var.shape[0]) if stacked else [None]):
-            slot = f"{path}[{i}]" if stacked else path
-            name, transform = keymap.to_source(slot)
-            shape = transform.to_torch_shape(tuple(var.shape[1:] if stacked else var.shape))
+    for slot in model_slots:
+        for i in (range(slot.shape[0]) if slot.layered else [None]):
+            name, transform = keymap.to_source(slot.path if i is None else f"{slot.path}[{i}]")
+            shape = transform.to_torch_shape(slot.shape if i is None else slot.shape[1:])
 
-            def produce(path=path, i=i, transform=transform):
+            def produce(path=slot.path, i=i, transform=transform):
                 value = params[path] if i is None else params[path][i]
                 return transform.to_torch(np.asarray(value, np.float32))
 

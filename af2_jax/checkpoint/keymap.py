@@ -15,8 +15,7 @@ from typing import Callable
 import numpy as np
 
 from af2_jax.config import AF2Config
-from af2_jax.nn.audio_transformer import rotary_inv_freq
-from af2_jax.nn.htsat import relative_position_index, shifted_window_mask, swin_block_geometry
+from af2_jax.nn.buffers import relative_position_index, rotary_inv_freq, shifted_window_mask, swin_block_geometry
 
 CLAP_PREFIXES = ("clap.nvclap.", "clap.afclap.")
 CANONICAL_CLAP_PREFIX = "clap.nvclap."

@@ -1,28 +1,23 @@
 """The whole Audio Flamingo 2 model: HTSAT -> audio transformer -> (gated cross-attention + Qwen2 decoder layer) x N.
 
-The N layers come in two layouts with the same parameters. Stacked (`scan_layers=True`, the checkpoint and training
-layout): one module whose parameters have a leading `layers` axis, run by `lax.scan`, so compile time does not grow
-with depth. Unstacked (`scan_layers=False`, the serving layout): N separate modules run by a Python loop. Decoding
-reads every weight once per token, and inside a loop XLA copies each layer's slice out of a stacked array before
-using it (measured on the CPU: 8 layers of cross-attention over precomputed K/V at batch 8 take 13.7 ms sliced from
-stacked arrays, 6.0 ms as separate buffers), so serving keeps one buffer per layer. `relayout` moves a model between
-the two. Layer i = cross-attention block i, then decoder layer i (`cross_attn_every_n_layers` = 1, as in every
-released model). Input and output embeddings are tied.
+The N layers come in the two forms of `af2_jax.nn.layer_stack` with the same parameters: stacked (`scan_layers=True`,
+the checkpoint and training form) or a list (`scan_layers=False`, the serving form); `relayout` moves a model between
+them. Layer i = cross-attention block i, then decoder layer i (`cross_attn_every_n_layers` = 1, as in every released
+model). Input and output embeddings are tied.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from af2_jax.config import AF2Config
 from af2_jax.nn.audio_transformer import AudioTransformer
 from af2_jax.nn.htsat import HTSAT, encode_windows
+from af2_jax.nn.layer_stack import LayerList, StackedLayers, slots
 from af2_jax.nn.layers import named
 from af2_jax.nn.qwen2 import Qwen2DecoderLayer, RMSNorm, rope_cos_sin
 from af2_jax.nn.xattn import GatedCrossAttention
@@ -40,6 +35,10 @@ class FlamingoLayer(nnx.Module):
         self.xattn = GatedCrossAttention(config.lm.hidden_size, config.audio_transformer.d_model,
                                          config.cross_attention, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.decoder = Qwen2DecoderLayer(config.lm, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+class StackedFlamingoLayers(StackedLayers, FlamingoLayer):
+    """All N `FlamingoLayer`s as one, every parameter with a leading `layers` axis (`af2_jax.nn.layer_stack`)."""
 
 
 class Intermediates(NamedTuple):
@@ -60,8 +59,8 @@ class AF2Model(nnx.Module):
       (1 = token) -> float32 logits `(B, T, V)`.
     - `hidden_states`, `media_kv`, `init_cache`, `cached_step`, `logits`: the pieces generation and training use.
 
-    `dtype` is the compute dtype and `param_dtype` the parameters'; `scan_layers` picks the stacked or the unstacked
-    layout of the layers (module docstring)."""
+    `dtype` is the compute dtype and `param_dtype` the parameters'; `scan_layers` picks the form of the layers,
+    stacked or a list (module docstring); per-layer values (`media_kv`, `init_cache`) are in that form's layout."""
 
     def __init__(self, config: AF2Config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs,
                  scan_layers: bool = True):
@@ -74,22 +73,21 @@ class AF2Model(nnx.Module):
         self.audio_transformer = AudioTransformer(config.audio_transformer, dtype=dtype, param_dtype=param_dtype,
                                                   rngs=rngs)
         lm = config.lm
+        layer_kwargs = dict(config=config, dtype=dtype, param_dtype=param_dtype)
         self.embed_tokens = nnx.Embed(
             lm.vocab_size, lm.hidden_size, dtype=dtype, param_dtype=param_dtype,
             embedding_init=named(nnx.initializers.normal(0.02), ("vocab", "embed")), rngs=rngs)
 
-        self.scan_layers = scan_layers
         if scan_layers:
-            @nnx.split_rngs(splits=lm.num_layers)
-            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-            def make_layers(rngs):
-                return FlamingoLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-            self.layers = make_layers(rngs)
+            self.layers = StackedFlamingoLayers.build(lm.num_layers, rngs=rngs, **layer_kwargs)
         else:
-            self.layers = nnx.List([FlamingoLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-                                    for _ in range(lm.num_layers)])
+            self.layers = LayerList.build(FlamingoLayer, lm.num_layers, rngs=rngs, **layer_kwargs)
         self.norm = RMSNorm(lm.hidden_size, lm.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
+
+    @property
+    def scan_layers(self) -> bool:
+        """Whether the layers are in the stacked form."""
+        return isinstance(self.layers, StackedLayers)
 
     # --- audio --------------------------------------------------------------------------------------------------
     def encode_windows(self, audio_x, audio_x_mask=None):
@@ -134,52 +132,25 @@ class AF2Model(nnx.Module):
         cos, sin = rope_cos_sin(positions, self.config.lm.head_dim, self.config.lm.rope_theta)
         x = constrain(self.embed_tokens(input_ids), RESIDUAL)
 
-        def body(layer, x, _):
+        def body(layer, x):
             k, v = layer.xattn.media_kv(media)
             after_xattn = constrain(layer.xattn(x, k, v, media_mask), RESIDUAL)
             after_layer = constrain(layer.decoder(after_xattn, cos, sin, mask), RESIDUAL)
             return after_layer, (after_xattn, after_layer) if return_intermediates else None
 
-        x, per_layer = self._over_layers(body, x, None, remat=remat)
-        if return_intermediates and not self.scan_layers:
-            per_layer = jax.tree.map(lambda *layers: jnp.stack(layers), *per_layer)
-        return self.norm(x), per_layer
-
-    def _over_layers(self, body, x, inputs, remat: bool = False):
-        """Runs `body(layer, x, layer_inputs) -> (x, layer_outputs)` over the layers. Per-layer inputs and outputs
-        are stacked along a leading axis (stacked layout) or tuples with one entry per layer (unstacked); `inputs`
-        None gives every layer None. `remat` recomputes each layer in the backward pass."""
-        def run(graphdef, x, state_and_inputs):
-            state, layer_inputs = state_and_inputs
-            return body(nnx.merge(graphdef, state), x, layer_inputs)
-
-        wrap = jax.checkpoint if remat else (lambda fn: fn)
-        if not self.scan_layers:
-            outputs = []
-            for i, layer in enumerate(self.layers):
-                graphdef, state = nnx.split(layer)
-                x, out = wrap(functools.partial(run, graphdef))(x, (state, None if inputs is None else inputs[i]))
-                outputs.append(out)
-            return x, tuple(outputs)
-        graphdef, stacked = nnx.split(self.layers)
-        return jax.lax.scan(wrap(functools.partial(run, graphdef)), x, (stacked, inputs))
+        x, per_layer = self.layers.run(body, x, remat=remat)
+        return self.norm(x), self.layers.as_stacked(per_layer) if return_intermediates else None
 
     def media_kv(self, media):
-        """Every layer's cross-attention keys and values `(B, heads, S, d)`, computed once per request: stacked
-        `(K, V)` with a leading layers axis, or unstacked one `(K, V)` pair per layer."""
-        if not self.scan_layers:
-            return tuple(layer.xattn.media_kv(media) for layer in self.layers)
-        graphdef, stacked = nnx.split(self.layers)
-        return jax.vmap(lambda state: nnx.merge(graphdef, state).xattn.media_kv(media))(stacked)
+        """Every layer's cross-attention keys and values `(B, heads, S, d)`, computed once per request, as
+        per-layer values of the layer form."""
+        return self.layers.map(lambda layer: layer.xattn.media_kv(media))
 
     def init_cache(self, batch: int, length: int):
-        """The text KV cache `(B, kv_heads, length, head_dim)` per layer, laid out as `media_kv`."""
+        """The text KV cache, `(K, V)` of `(B, kv_heads, length, head_dim)` per layer, as per-layer values."""
         lm = self.config.lm
-        if not self.scan_layers:
-            shape = (batch, lm.num_kv_heads, length, lm.head_dim)
-            return tuple((jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)) for _ in range(lm.num_layers))
-        shape = (lm.num_layers, batch, lm.num_kv_heads, length, lm.head_dim)
-        return jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)
+        one = jax.ShapeDtypeStruct((batch, lm.num_kv_heads, length, lm.head_dim), self.dtype)
+        return self.layers.zeros((one, one))
 
     def cached_step(self, input_ids, positions, mask, media_kv, media_mask, cache, index):
         """The LM on `input_ids` `(B, T)` written into the KV cache at slot `index`, attending over the whole cache
@@ -187,14 +158,13 @@ class AF2Model(nnx.Module):
         `(B, T, hidden)` (before the output projection) and the updated cache."""
         cos, sin = rope_cos_sin(positions, self.config.lm.head_dim, self.config.lm.rope_theta)
 
-        def body(layer, x, per_layer):
-            (k, v), (cache_k, cache_v) = per_layer
+        def body(layer, x, layer_kv, layer_cache):
+            (k, v), (cache_k, cache_v) = layer_kv, layer_cache
             x = constrain(layer.xattn(x, k, v, media_mask), RESIDUAL)
             x, cache_k, cache_v = layer.decoder.cached(x, cos, sin, mask, cache_k, cache_v, index)
             return constrain(x, RESIDUAL), (cache_k, cache_v)
 
-        per_layer = tuple(zip(media_kv, cache)) if not self.scan_layers else (media_kv, cache)
-        x, cache = self._over_layers(body, constrain(self.embed_tokens(input_ids), RESIDUAL), per_layer)
+        x, cache = self.layers.run(body, constrain(self.embed_tokens(input_ids), RESIDUAL), media_kv, cache)
         return self.norm(x), cache
 
     def logits(self, hidden):
@@ -206,57 +176,15 @@ class AF2Model(nnx.Module):
 
 
 def relayout(model: AF2Model, scan_layers: bool) -> AF2Model:
-    """The same model with its layers stacked (`scan_layers=True`) or unstacked (False). Parameters move one at a
-    time and each source buffer is freed once moved, so memory peaks at the model plus one stacked parameter;
-    `model`'s layer arrays are gone afterwards. Shardings follow: a stacked parameter's leading `layers` axis is
-    never sharded, so each layer keeps the placement of the rest of the axes."""
-    from af2_jax.checkpoint.store import is_stacked, stacked_groups, state_variables
-
+    """The same model with its layers stacked (`scan_layers=True`) or as a list (False). Parameters move one at a
+    time, each source buffer freed once moved, so memory peaks at the model plus one stacked parameter; `model`'s
+    layer arrays are gone afterwards. Shardings follow: the stacked `layers` axis is never sharded, so each layer
+    keeps the placement of the other axes."""
     if model.scan_layers == scan_layers:
         return model
-    graphdef, target = nnx.split(nnx.eval_shape(lambda: AF2Model(
-        model.config, dtype=model.dtype, param_dtype=model.dtype, rngs=nnx.Rngs(0), scan_layers=scan_layers)))
-    sources = stacked_groups(state_variables(nnx.state(model)))
-    for path, targets in stacked_groups(state_variables(target)).items():
-        values = [var[...] for var in sources[path]]
-        if not is_stacked(path):
-            targets[0].set_value(values[0])
-        elif scan_layers:
-            targets[0].set_value(_stack(values))
-            for value in values:
-                value.delete()
-        else:
-            for var, value in zip(targets, layer_pieces(values[0])):
-                var.set_value(value)
-            values[0].delete()
-    return nnx.merge(graphdef, target)
-
-
-def stacked_layer_arrays(model: AF2Model) -> list[tuple[str, jax.Array, nnx.Variable]]:
-    """(dotted path in the stacked layout, stacked value, layer 0's variable) for every layer parameter of an
-    unstacked model: new arrays, built one parameter at a time (checkpoints are always written stacked)."""
-    from af2_jax.checkpoint.store import is_stacked, model_variables, stacked_groups
-
-    return [(path, _stack([v[...] for v in variables]), variables[0])
-            for path, variables in stacked_groups(model_variables(model)).items() if is_stacked(path)]
-
-
-def layer_sharding(sharding, stacked: bool):
-    """The sharding of a layer parameter after adding (stacked=True) or removing its leading `layers` axis."""
-    if not isinstance(sharding, jax.sharding.NamedSharding):
-        return sharding
-    spec = tuple(sharding.spec)
-    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*((None, *spec) if stacked
-                                                                                   else spec[1:])))
-
-
-def layer_pieces(stacked) -> list:
-    """A stacked layer parameter cut into its layers: views of a host (numpy) array, or device arrays that keep the
-    placement of the other axes."""
-    if isinstance(stacked, np.ndarray):
-        return list(stacked)
-    return list(jax.jit(tuple, out_shardings=layer_sharding(stacked.sharding, stacked=False))(stacked))
-
-
-def _stack(parts):
-    return jax.jit(jnp.stack, out_shardings=layer_sharding(parts[0].sharding, stacked=True))(parts)
+    target = nnx.eval_shape(lambda: AF2Model(model.config, dtype=model.dtype, param_dtype=model.dtype,
+                                             rngs=nnx.Rngs(0), scan_layers=scan_layers))
+    sources = {slot.path: slot for slot in slots(model)}
+    for slot in slots(target):
+        slot.assign(sources[slot.path].take())
+    return target

@@ -14,17 +14,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from af2_jax.config import AudioTransformerConfig
+from af2_jax.nn.buffers import rotary_inv_freq
 from af2_jax.nn.layers import layer_norm, linear
-
-
-def rotary_inv_freq(dim: int, base: float) -> np.ndarray:
-    """`1 / base**(arange(0, dim, 2) / dim)` in float32, as the original's buffer `position_enc.inv_freq`."""
-    exponent = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
-    return (np.float32(1.0) / (np.float32(base) ** exponent)).astype(np.float32)
 
 
 def rotate_half(x):

@@ -7,7 +7,8 @@ mel `(..., 1001, 64)` -> bn0 (eval statistics) -> bicubic time resize to 1024 ->
 Left out because they are dead at inference (docs/original.md#dead-at-inference): the AFF fusion branch
 (`patch_embed.mel_conv2d`, `patch_embed.fusion_model`), the torchlibrosa STFT / mel extractors and the `tscam_conv` /
 `head` classifier; their tensors are kept aside by the checkpoint converter. Constant buffers
-(`relative_position_index`, `attn_mask`) are recomputed here, never loaded (docs/original.md#constant-buffers).
+(`relative_position_index`, `attn_mask`) are recomputed (`af2_jax.nn.buffers`), never loaded
+(docs/original.md#constant-buffers).
 """
 
 from __future__ import annotations
@@ -21,58 +22,13 @@ from flax import nnx
 
 from af2_jax.audio.features import fold_to_image, int16_round_trip, log_mel, resize_time
 from af2_jax.config import AudioConfig, HTSATConfig
+from af2_jax.nn.buffers import partition_windows, relative_position_index, shifted_window_mask, swin_block_geometry
 from af2_jax.nn.layers import layer_norm, linear, named
 from af2_jax.sharding import constrain
 
-# Additive logit penalty between tokens from different regions of a shifted window (the original uses -100, not -inf:
-# docs/original.md#shift-mask).
-SHIFT_MASK_VALUE = -100.0
-
-
-def swin_block_geometry(cfg: HTSATConfig, stage: int, block: int) -> tuple[int, int, int]:
-    """`(resolution, window, shift)` of a Swin block: the token grid halves after every stage; every odd block is
-    shifted by half a window; a grid no larger than the window is one window, and then nothing is shifted
-    (docs/original.md#last-stage-unshifted)."""
-    resolution = cfg.patch_grid // 2 ** stage
-    window = min(cfg.window_size, resolution)
-    shift = 0 if block % 2 == 0 or resolution <= cfg.window_size else cfg.window_size // 2
-    return resolution, window, shift
-
-
-@functools.lru_cache(maxsize=None)
-def relative_position_index(window: int) -> np.ndarray:
-    """`(w*w, w*w)` index into the `((2w-1)**2, heads)` bias table: `(hi - hj + w - 1) * (2w - 1) + (wi - wj + w - 1)`."""
-    rows, cols = np.meshgrid(np.arange(window), np.arange(window), indexing="ij")
-    coords = np.stack([rows.ravel(), cols.ravel()])  # (2, w*w)
-    rel = coords[:, :, None] - coords[:, None, :] + (window - 1)
-    return (rel[0] * (2 * window - 1) + rel[1]).astype(np.int64)
-
-
-@functools.lru_cache(maxsize=None)
-def shifted_window_mask(resolution: int, window: int, shift: int) -> np.ndarray:
-    """`(num_windows, w*w, w*w)` additive mask of a block shifted by `shift` on a `resolution`^2 grid: token pairs
-    from different regions of the rolled grid get -100."""
-    labels = np.zeros((resolution, resolution), dtype=np.int64)
-    bounds = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
-    for i, rows in enumerate(bounds):
-        for j, cols in enumerate(bounds):
-            labels[rows, cols] = 3 * i + j
-    per_window = _partition(labels[None, :, :, None], window)[0, :, :, 0]  # (nW, w*w)
-    differs = per_window[:, None, :] != per_window[:, :, None]
-    return np.where(differs, SHIFT_MASK_VALUE, 0.0).astype(np.float32)
-
-
-def _partition(x, window: int):
-    """(N, R, R, C) -> (N, nW, w*w, C): windows in row-major grid order, tokens row-major inside a window."""
-    n, r, _, c = x.shape
-    g = r // window
-    x = x.reshape(n, g, window, g, window, c)
-    x = x.transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(n, g * g, window * window, c)
-
 
 def _merge(x, resolution: int):
-    """Inverse of `_partition`: (N, nW, w*w, C) -> (N, R, R, C)."""
+    """Inverse of `partition_windows`: (N, nW, w*w, C) -> (N, R, R, C)."""
     n, nw, t, c = x.shape
     g = int(round(nw ** 0.5))
     window = resolution // g
@@ -144,7 +100,7 @@ class SwinBlock(nnx.Module):
         h = self.norm1(x)
         if self.shift:
             h = jnp.roll(h, (-self.shift, -self.shift), axis=(1, 2))
-        h = _merge(self.attn(_partition(h, self.window), self.attn_mask()), self.resolution)
+        h = _merge(self.attn(partition_windows(h, self.window), self.attn_mask()), self.resolution)
         if self.shift:
             h = jnp.roll(h, (self.shift, self.shift), axis=(1, 2))
         x = x + h

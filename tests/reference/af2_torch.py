@@ -1,4 +1,5 @@
-"""Our PyTorch reference of Audio Flamingo 2, written from AF2_SPEC and checked against the golden fixtures.
+"""Our PyTorch reference of Audio Flamingo 2, written from the original's code (docs/original.md) and checked against
+the golden fixtures.
 
 Module attributes follow the original's, so `state_dict()` names equal the released checkpoint's and
 `load_state_dict` takes a fixture or release directly. It is the oracle for shapes and widths the fixtures do not

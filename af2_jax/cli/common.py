@@ -1,7 +1,8 @@
-"""What every command-line entry point shares: its name, logging, the exit-code table, the accelerator check.
+"""What every command-line entry point shares: its name, logging, the exit-code table, the accelerator check, and
+turning the package's errors into one line and an exit code.
 
-Each `af2_jax.<command>` module keeps its own parser and work; these helpers give every command the same
-behaviour around them, so a rule here (which log lines are noise, what Ctrl-C returns) has one owner.
+Each `af2_jax.cli.<command>` module keeps its own parser and hands its work to the library; these helpers give every
+command the same behaviour around them, so a rule here (which log lines are noise, what Ctrl-C returns) has one owner.
 """
 
 from __future__ import annotations
@@ -115,9 +116,22 @@ def warn_if_cpu_only() -> None:
                     "mean it", " and ".join(seen), extra)
 
 
-def run_command(body: Callable[[], int], errors: tuple[type[BaseException], ...], debug: bool = False) -> int:
-    """Runs a command's work under the exit-code table: an error of `errors` (an input that cannot be used) is one
+def package_errors() -> tuple[type[BaseException], ...]:
+    """The errors the package raises for an input that cannot be used; each message names the input and the fix."""
+    from af2_jax.audio.io import AudioError
+    from af2_jax.checkpoint.errors import CheckpointError
+    from af2_jax.sharding import MeshError
+    from af2_jax.tokenizer import TokenizerError
+    from af2_jax.training.config import ConfigError
+
+    return AudioError, CheckpointError, ConfigError, MeshError, TokenizerError
+
+
+def run_command(body: Callable[[], int], *, debug: bool = False, any_value_error: bool = True) -> int:
+    """Runs a command's work under the exit-code table: an input that cannot be used (`package_errors`; with
+    `any_value_error` also any ValueError or OSError, for commands whose inputs reach code outside the package) is one
     `error: ...` line and exit 1 (its traceback with --debug); Ctrl-C is exit 130 with what was kept."""
+    errors = package_errors() + ((ValueError, OSError) if any_value_error else ())
     try:
         return body()
     except errors as err:

@@ -23,6 +23,8 @@ from typing import Iterator
 import ml_dtypes
 import numpy as np
 
+from af2_jax.checkpoint.errors import CheckpointError, parse_json, quoted_name, shown
+
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
@@ -30,10 +32,6 @@ _DTYPES = {
 # safetensors' own limit (MAX_HEADER_SIZE): a longer header is not a safetensors file.
 _MAX_HEADER_BYTES = 100_000_000
 _INDEX_LIMIT = 2**64  # shapes and offsets are Rust usize in safetensors
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used as given. The message names the file or tensor and the fix."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,60 +45,15 @@ class TensorInfo:
     end: int
 
 
-def _shown(value, limit: int = 80) -> str:
-    """A value from a hostile file, on one line and cut short."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def reason(err: BaseException, limit: int = 200) -> str:
-    """The first line of an exception's message (its type when it has none), cut short: the cause a one-line error
-    can show."""
-    text = next(iter(str(err).splitlines()), "") or type(err).__name__
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _name(name: str) -> str:
-    """A key from a hostile file as a message shows it: as is, unless quoting is needed to keep it on one line."""
-    return name if name.isprintable() else _shown(name)
-
-
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not JSON")  # Python's json accepts NaN/Infinity; safetensors' serde_json does not
-
-
-def parse_json(path: Path, raw: bytes, what: str, fix: str = "re-download the file"):
-    """JSON from a downloaded file, refusing what Python's json lets through but a strict parser does not: duplicate
-    keys (json.loads silently keeps the last), NaN/Infinity, non-UTF-8 text (json.loads would guess UTF-16/32), and
-    nesting deep enough to exhaust the stack."""
-
-    def unique(pairs):
-        out = {}
-        for key, value in pairs:
-            if key in out:
-                raise CheckpointError(f"{path}: duplicate key {_name(key)} in its {what}; {fix}")
-            out[key] = value
-        return out
-
-    try:
-        return json.loads(raw.decode("utf-8"), object_pairs_hook=unique, parse_constant=_no_constant)
-    except CheckpointError:
-        raise
-    except RecursionError:
-        raise CheckpointError(f"{path}: corrupt {what} (nested too deeply); {fix}") from None
-    except ValueError as err:  # UnicodeDecodeError, JSONDecodeError, integers too long to convert
-        raise CheckpointError(f"{path}: corrupt {what} ({reason(err)}); {fix}") from None
-
-
 def _is_index(value) -> bool:
     return type(value) is int and 0 <= value < _INDEX_LIMIT  # type(), not isinstance: JSON true is no index
 
 
 def _entry(path: Path, name: str, entry) -> tuple[np.dtype, tuple[int, ...], int, int]:
     """(dtype, shape, begin, end) of one header entry, each checked as safetensors' TensorInfo would parse it."""
-    where = f"{path}: tensor {_name(name)}"
+    where = f"{path}: tensor {quoted_name(name)}"
     if not isinstance(entry, dict):
-        raise CheckpointError(f"{where}: header entry is {_shown(entry)}, not an object with dtype, shape and "
+        raise CheckpointError(f"{where}: header entry is {shown(entry)}, not an object with dtype, shape and "
                               "data_offsets; the file is corrupt, re-download it")
     missing = [key for key in ("dtype", "shape", "data_offsets") if key not in entry]
     if missing:
@@ -108,13 +61,13 @@ def _entry(path: Path, name: str, entry) -> tuple[np.dtype, tuple[int, ...], int
                               "re-download it")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not isinstance(dtype, str) or dtype not in _DTYPES:
-        raise CheckpointError(f"{where} has unsupported dtype {_shown(dtype)} (readable: {', '.join(_DTYPES)})")
+        raise CheckpointError(f"{where} has unsupported dtype {shown(dtype)} (readable: {', '.join(_DTYPES)})")
     if not isinstance(shape, list) or not all(_is_index(d) for d in shape):
-        raise CheckpointError(f"{where} has shape {_shown(shape)}, not a list of non-negative integers; the file "
+        raise CheckpointError(f"{where} has shape {shown(shape)}, not a list of non-negative integers; the file "
                               "is corrupt, re-download it")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_index(o) for o in offsets)
             and offsets[0] <= offsets[1]):
-        raise CheckpointError(f"{where} has data_offsets {_shown(offsets)}, not [begin, end] with 0 <= begin <= "
+        raise CheckpointError(f"{where} has data_offsets {shown(offsets)}, not [begin, end] with 0 <= begin <= "
                               "end; the file is corrupt, re-download it")
     return np.dtype(_DTYPES[dtype]), tuple(shape), offsets[0], offsets[1]
 
@@ -149,14 +102,14 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             # safetensors reads it as an optional map of strings to strings
             if entry is not None and not (isinstance(entry, dict) and all(isinstance(v, str)
                                                                           for v in entry.values())):
-                raise CheckpointError(f"{path}: __metadata__ is {_shown(entry)}, not an object of strings; the "
+                raise CheckpointError(f"{path}: __metadata__ is {shown(entry)}, not an object of strings; the "
                                       "file is corrupt, re-download it")
             continue
         entries.append((name, *_entry(path, name, entry)))
     base, expected = 8 + length, 0
     infos = {}
     for name, dtype, shape, begin, end in sorted(entries, key=lambda e: (e[3], e[4])):
-        where = f"{path}: tensor {_name(name)}"
+        where = f"{path}: tensor {quoted_name(name)}"
         if begin != expected:
             problem = ("overlaps the tensor before it" if begin < expected
                        else f"leaves {begin - expected} unused bytes before it")
@@ -167,7 +120,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             raise CheckpointError(f"{where} has {end - begin} bytes, but shape {list(shape)} of {dtype.name} needs "
                                   f"{needed}; the file is corrupt, re-download it")
         if base + end > size:
-            raise CheckpointError(f"{path}: truncated (tensor {_name(name)} ends past the end of the file); "
+            raise CheckpointError(f"{path}: truncated (tensor {quoted_name(name)} ends past the end of the file); "
                                   "re-download it")
         infos[name] = TensorInfo(path, dtype, shape, base + begin, base + end)
         expected = end
@@ -234,7 +187,7 @@ def _resolve_files(source: Path) -> list[Path]:
             for chunk in chunks:
                 # Chunk names become file names: one that could point outside the folder is refused.
                 if not chunk or any(part in chunk for part in ("/", "\\", "..", "\0")):
-                    raise CheckpointError(f"{metadata}: chunk name {_shown(chunk)} is not a plain file name; "
+                    raise CheckpointError(f"{metadata}: chunk name {shown(chunk)} is not a plain file name; "
                                           "re-download it")
             files = [folder / f"{chunk}.safetensors" for chunk in chunks]
             missing = [str(f) for f in files if not f.is_file()]

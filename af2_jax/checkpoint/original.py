@@ -1,8 +1,9 @@
 """Matching original tensors to NNX parameters, and loading them.
 
 `map_names` works on names and shapes alone (safetensors headers or a shape map) against an abstract model from
-`nnx.eval_shape`, so a whole release can be checked without reading or allocating any weights. Parameters of the
-stacked LM layers are addressed per layer as `path[i]` ("slots").
+`nnx.eval_shape`, so a whole release can be checked without reading or allocating any weights. Targets are the
+model's checkpoint slots (`af2_jax.nn.layer_stack.slots`); a layered slot is addressed per layer as `path[i]`, since
+the original stores each layer's tensor under its own name.
 """
 
 from __future__ import annotations
@@ -16,9 +17,12 @@ import numpy as np
 from flax import nnx
 
 from af2_jax.checkpoint import keymap
-from af2_jax.checkpoint.reader import CheckpointError, SafetensorsCheckpoint
-from af2_jax.checkpoint.store import is_stacked, model_variables, state_variables
+from af2_jax.checkpoint.errors import CheckpointError
+from af2_jax.checkpoint.safetensors_io import SafetensorsCheckpoint
 from af2_jax.config import AF2Config
+from af2_jax.nn.af2 import AF2Model
+from af2_jax.nn.htsat import HTSAT
+from af2_jax.nn.layer_stack import Slot, slots
 
 log = logging.getLogger(__name__)
 
@@ -57,26 +61,20 @@ class MappingReport:
                 "check that --model / the config matches the checkpoint")
 
 
-def flat_variables(module: nnx.Module, root: str = "") -> list[tuple[str, nnx.Variable]]:
-    """(dotted path, variable) for every variable of a (possibly abstract) module, paths prefixed by `root`."""
-    prefix = root + "." if root else ""
-    return [(prefix + path, var) for path, var in model_variables(module)]
-
-
-def slot_shapes(variables) -> dict[str, tuple[int, ...]]:
-    """Slot path -> shape: one entry per variable, or per layer (`path[i]`) for stacked variables."""
+def slot_shapes(model_slots: list[Slot]) -> dict[str, tuple[int, ...]]:
+    """Target name -> shape: one entry per slot, or per layer (`path[i]`) for a layered slot."""
     shapes = {}
-    for path, var in variables:
-        shape = tuple(var.shape)
-        if is_stacked(path):
-            shapes.update({f"{path}[{i}]": shape[1:] for i in range(shape[0])})
+    for slot in model_slots:
+        if slot.layered:
+            shapes.update({f"{slot.path}[{i}]": slot.shape[1:] for i in range(slot.shape[0])})
         else:
-            shapes[path] = shape
+            shapes[slot.path] = slot.shape
     return shapes
 
 
 def flat_shapes(module: nnx.Module, root: str = "") -> dict[str, tuple[int, ...]]:
-    return slot_shapes(flat_variables(module, root))
+    """Target name -> shape for a (possibly abstract) module, names prefixed by `root`."""
+    return slot_shapes(slots(module, root + "." if root else ""))
 
 
 def map_names(source_shapes: Mapping[str, tuple[int, ...]], target_shapes: Mapping[str, tuple[int, ...]],
@@ -139,7 +137,7 @@ def map_names(source_shapes: Mapping[str, tuple[int, ...]], target_shapes: Mappi
     return report
 
 
-def plan(ckpt: SafetensorsCheckpoint, targets: Mapping[str, tuple[int, ...]], config: AF2Config, *,
+def map_checkpoint(ckpt: SafetensorsCheckpoint, targets: Mapping[str, tuple[int, ...]], config: AF2Config, *,
          scope=("",), what: str = "the checkpoint") -> MappingReport:
     report = map_names({n: ckpt.info(n).shape for n in ckpt.keys()}, targets, config, scope=scope)
     for alias, twin in report.aliases.items():
@@ -199,30 +197,30 @@ def check_constants(ckpt: SafetensorsCheckpoint, report: MappingReport, config: 
                                   "the checkpoint was made with a different configuration")
 
 
-def checked_report(ckpt: SafetensorsCheckpoint, variables, config: AF2Config, *, scope=("",),
+def checked_report(ckpt: SafetensorsCheckpoint, model_slots: list[Slot], config: AF2Config, *, scope=("",),
                    what: str = "the checkpoint", allow_alias_mismatch: bool = False) -> MappingReport:
     """Everything checked before any weight is used: names and shapes (headers), constant buffers, alias twins."""
-    report = plan(ckpt, slot_shapes(variables), config, scope=scope, what=what)
+    report = map_checkpoint(ckpt, slot_shapes(model_slots), config, scope=scope, what=what)
     check_constants(ckpt, report, config)
     resolve_aliases(ckpt, report, allow_mismatch=allow_alias_mismatch)
     return report
 
 
-def slot_values(variables, report: MappingReport, read: Callable[[str], np.ndarray],
-                dtype_of: Callable[[nnx.Variable], np.dtype]) -> Iterator[tuple[str, nnx.Variable, np.ndarray]]:
-    """(path, variable, value) with each value built from its mapped source tensor(s), per-layer slots stacked;
-    one variable's value at a time."""
-    for path, var in variables:
-        dtype = dtype_of(var)
-        if is_stacked(path):
-            value = np.empty(tuple(var.shape), dtype=dtype)
-            for i in range(var.shape[0]):
-                name, transform = report.assignments[f"{path}[{i}]"]
+def slot_values(model_slots: list[Slot], report: MappingReport, read: Callable[[str], np.ndarray],
+                dtype_of: Callable[[nnx.Variable], np.dtype]) -> Iterator[tuple[Slot, np.ndarray]]:
+    """(slot, stored value) with each value built from its mapped source tensor(s), a layered slot's layers stacked;
+    one slot's value at a time."""
+    for slot in model_slots:
+        dtype = dtype_of(slot.variable)
+        if slot.layered:
+            value = np.empty(slot.shape, dtype=dtype)
+            for i in range(slot.shape[0]):
+                name, transform = report.assignments[f"{slot.path}[{i}]"]
                 value[i] = transform.to_jax(read(name)).astype(dtype)
         else:
-            name, transform = report.assignments[path]
+            name, transform = report.assignments[slot.path]
             value = transform.to_jax(read(name)).astype(dtype)
-        yield path, var, value
+        yield slot, value
         del value  # so the caller's copy is the only one left
 
 
@@ -230,21 +228,18 @@ def load_into(abstract: nnx.Module, source, config: AF2Config, *, root: str = ""
               what: str = "the checkpoint", allow_alias_mismatch: bool = False) -> nnx.Module:
     """Materialises `abstract` (from `nnx.eval_shape`) with original weights from `source`."""
     ckpt = source if isinstance(source, SafetensorsCheckpoint) else SafetensorsCheckpoint(source)
-    graphdef, state = nnx.split(abstract)
-    variables = state_variables(state, root + "." if root else "")
-    report = checked_report(ckpt, variables, config, scope=scope, what=what,
+    model_slots = slots(abstract, root + "." if root else "")
+    report = checked_report(ckpt, model_slots, config, scope=scope, what=what,
                             allow_alias_mismatch=allow_alias_mismatch)
-    for _, var, value in slot_values(variables, report, ckpt.get, lambda var: np.dtype(var.dtype)):
-        var.set_value(jnp.asarray(value))
-    return nnx.merge(graphdef, state)
+    for slot, value in slot_values(model_slots, report, ckpt.get, lambda var: np.dtype(var.dtype)):
+        slot.assign(jnp.asarray(value))
+    return abstract
 
 
 def load_htsat(source, config: AF2Config, *, dtype=jnp.float32, param_dtype=jnp.float32):
     """Builds the HTSAT encoder from original weights (`clap.nvclap.*` or `clap.afclap.*`): a released checkpoint
     folder, `.safetensors` file(s) or an open `SafetensorsCheckpoint`. Constant buffers found in the file are
     checked equal to their recomputed values; tensors dead at inference are skipped."""
-    from af2_jax.nn.htsat import HTSAT
-
     abstract = nnx.eval_shape(lambda: HTSAT(config.htsat, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
     return load_into(abstract, source, config, root=HTSAT_ROOT, scope=keymap.CLAP_PREFIXES, what="the audio encoder")
 
@@ -252,7 +247,5 @@ def load_htsat(source, config: AF2Config, *, dtype=jnp.float32, param_dtype=jnp.
 def load_original(source, config: AF2Config, *, dtype=jnp.float32, param_dtype=jnp.float32,
                   allow_alias_mismatch: bool = False):
     """Builds the whole AF2 model straight from original weights (no conversion step), e.g. for tests."""
-    from af2_jax.nn.af2 import AF2Model
-
     abstract = nnx.eval_shape(lambda: AF2Model(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
     return load_into(abstract, source, config, what="the AF2 model", allow_alias_mismatch=allow_alias_mismatch)
