@@ -3,9 +3,11 @@
 An input line is {"audio": PATH, "prompt": TEXT, "id": optional string or integer, by default the line number}. A line
 that is not such an object stops the run (fix the line); an item whose fields have the wrong type, or whose audio or
 prompt cannot be used, gets an "error" line and the others go on. Each item becomes one output line {"id", "audio",
-"prompt", "answer"} (or "error"), written and flushed batch by batch; a rerun after a kill skips what the output
-already answers. The output must be a new file or one written for the same questions: another file, the manifest
-itself, or an output that answered an id for another audio or prompt is refused and left as it is.
+"prompt", "answer"} (or "error"), appended and flushed as the item finishes; a rerun after a kill skips what the
+output already answers and retries the items that failed; a finished run rewrites the output in manifest order.
+The output must be a new file or one written for the same questions: another file, the manifest itself, or an
+output that answered an id for another audio or prompt is refused and left as it is. A lock file beside the output
+keeps a second run off it.
 """
 
 from __future__ import annotations
@@ -18,10 +20,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from af2_jax.audio.io import AudioError, num_windows
+from af2_jax.audio.io import AudioError, load_windows
 from af2_jax.distributed import is_main_process
-from af2_jax.generate import bucket_windows
-from af2_jax.pipeline import answer_items, prepare
+from af2_jax.engine import EngineFull, Request
 from af2_jax.tokenizer import TokenizerError
 
 log = logging.getLogger(__name__)
@@ -111,86 +112,110 @@ def _read_output(path: Path) -> tuple[dict[str, dict], int]:
     return records, complete
 
 
-def pending_items(manifest, output) -> list[dict]:
-    """The manifest items --output does not answer yet, once every check that needs no model has passed: the
-    output is not the manifest, is an answer file, and answers none of these ids for another audio or prompt (as
-    with another manifest's output; ids default to line numbers, so they collide). Only then is a last line cut
-    off by a kill removed, by process 0, so appending stays valid JSONL."""
-    manifest, output = Path(manifest), Path(output)
-    if manifest.exists() and output.exists() and os.path.samefile(manifest, output):
-        raise ValueError(f"--output {output} is the manifest {manifest}; pass another --output for the answers")
-    items = _read_manifest(manifest)
-    records, complete = _read_output(output)
-    for it in items:
-        old = records.get(it["id"])
-        if old is not None and (old["audio"], old["prompt"]) != (it["audio"], it["prompt"]):
-            raise ValueError(f"{output} answers id {it['id']} for audio {_shown(old['audio'])}, prompt "
-                             f"{_shown(old['prompt'])}, but {manifest} asks about audio {_shown(it['audio'])}, "
-                             f"prompt {_shown(it['prompt'])}; use another --output, or delete {output} to answer "
-                             "again")
-    if output.exists() and complete < output.stat().st_size and is_main_process():
-        log.warning("%s: dropping an incomplete last line left by an interrupted run", output)
-        with open(output, "r+b") as f:
-            f.truncate(complete)
-    pending = [it for it in items if it["id"] not in records]
-    log.info("manifest: %d item(s), %d already answered in %s, %d to go", len(items), len(items) - len(pending),
-             output, len(pending))
-    return pending
+class ManifestJob:
+    """One `infer --manifest` run over an output file: `open` checks the manifest and the output and takes the
+    output's lock; `run` answers what the output does not (items without an answer, items that failed before are
+    retried), appending each line as its item finishes; `finish` rewrites the output in manifest order. Use it as a
+    context manager (the lock is released on exit)."""
 
+    def __init__(self, manifest, output):
+        self.manifest, self.output = Path(manifest), Path(output)
+        self.main = is_main_process()  # every process decodes every item; only process 0 writes
+        self._lock_file = None
 
-def _window_count(path: str, max_windows: int, audio_config) -> int:
-    """Windows a file will need (from its header; 1 if it cannot be read, the error surfaces when it is loaded)."""
-    import soundfile  # only here: the package imports without the audio libraries
+    def __enter__(self) -> ManifestJob:
+        manifest, output = self.manifest, self.output
+        if manifest.exists() and output.exists() and os.path.samefile(manifest, output):
+            raise ValueError(f"--output {output} is the manifest {manifest}; pass another --output for the answers")
+        self.items = _read_manifest(manifest)
+        if self.main:
+            self._lock()
+        self.records, complete = _read_output(output)
+        for it in self.items:
+            old = self.records.get(it["id"])
+            if old is not None and (old["audio"], old["prompt"]) != (it["audio"], it["prompt"]):
+                raise ValueError(f"{output} answers id {it['id']} for audio {_shown(old['audio'])}, prompt "
+                                 f"{_shown(old['prompt'])}, but {manifest} asks about audio {_shown(it['audio'])}, "
+                                 f"prompt {_shown(it['prompt'])}; use another --output, or delete {output} to answer "
+                                 "again")
+        # Only once every check has passed is a last line cut off by a kill removed, so appending stays valid JSONL.
+        if output.exists() and complete < output.stat().st_size and self.main:
+            log.warning("%s: dropping an incomplete last line left by an interrupted run", output)
+            with open(output, "r+b") as f:
+                f.truncate(complete)
+        self.pending = [it for it in self.items if "answer" not in self.records.get(it["id"], {})]
+        recorded = sum(1 for it in self.items if it["id"] in self.records)
+        retried = sum(1 for it in self.pending if it["id"] in self.records)
+        log.info("manifest: %d item(s), %d already answered in %s (%d with an error, retried), %d to go",
+                 len(self.items), recorded, output, retried, len(self.pending))
+        return self
 
-    try:
-        seconds = soundfile.info(path).duration
-    except Exception:
-        return 1
-    return num_windows(round(seconds * audio_config.sample_rate), audio_config.window_samples, max_windows)
+    def __exit__(self, *exc) -> bool:
+        if self._lock_file is not None:
+            self._lock_file.close()  # releases the lock
+        return False
 
+    def _lock(self) -> None:
+        """An exclusive lock on OUTPUT.lock for the whole run: a second run on the same output would answer the same
+        items and interleave its lines. The lock dies with its process, so a killed run never blocks the next."""
+        import fcntl
 
-def answer_manifest(model, tokenizer, pending: list[dict], output, *, batch_size: int, max_windows: int | None,
-                    sampling: dict) -> dict:
-    """Answers the `pending` items into `output` (appended, flushed and synced batch by batch): clips of similar
-    length are batched together (one compiled shape per window bucket), an item that cannot be used gets an "error"
-    line. `max_windows` caps each clip (None: the model's); `sampling` goes to `answer_items`. Returns the timings of
-    `generate`, summed."""
-    main = is_main_process()  # every process decodes every batch; only process 0 writes and shows progress
-    output = Path(output)
-    groups: dict[int, list[dict]] = {}
-    audio_config = model.config.audio
-    cap = max_windows or audio_config.max_windows
-    for it in pending:  # batch clips of similar length together: one compiled shape per bucket
-        if it["problem"]:  # group 0: nothing to load, only "error" lines to write
-            groups.setdefault(0, []).append(it)
-            continue
-        count = _window_count(it["audio"], cap, audio_config)
-        groups.setdefault(bucket_windows(count), []).append(it)
-    errors, timings = 0, {}
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with open(output if main else os.devnull, "a") as out, \
-            tqdm(total=len(pending), unit="item", file=sys.stderr, disable=not main) as bar:
-        for _, group in sorted(groups.items()):
-            for first in range(0, len(group), batch_size):
-                batch, prepared, lines = group[first:first + batch_size], [], []
-                for it in batch:
-                    problem = it["problem"]
-                    if problem is None:
-                        try:
-                            prepared.append((it, prepare(tokenizer, it["audio"], it["prompt"], max_windows,
-                                                         audio_config)))
-                            continue
-                        except (AudioError, TokenizerError) as err:
-                            problem = str(err)
-                    errors += 1
-                    lines.append(_output_line(it, error=problem))
-                if prepared:
-                    answers = answer_items(model, tokenizer, [p for _, p in prepared], timings=timings,
-                                           **sampling)
-                    lines += [_output_line(it, answer=text) for (it, _), text in zip(prepared, answers)]
-                out.write("".join(lines))
+        path = self.output.with_name(self.output.name + ".lock")
+        self.output.parent.mkdir(parents=True, exist_ok=True)
+        self._lock_file = open(path, "w")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            self._lock_file = None
+            raise ValueError(f"another run is writing {self.output} (it holds {path}); wait for it to finish, or "
+                             "pass another --output") from None
+
+    def run(self, engine, sampling, max_windows: int | None = None) -> int:
+        """Answers the pending items on `engine` with `sampling`, clips cut to `max_windows` (None: the model's),
+        then rewrites the output in manifest order. Returns how many of the manifest's items end with an error."""
+        audio_config = engine.config.audio
+        cap = max_windows or audio_config.max_windows
+        with open(self.output if self.main else os.devnull, "a") as out, \
+                tqdm(total=len(self.pending), unit="item", file=sys.stderr, disable=not self.main) as bar:
+            def write(item: dict, **result) -> None:
+                self.records[item["id"]] = json.loads(line := _output_line(item, **result))
+                out.write(line)
                 out.flush()
                 os.fsync(out.fileno())
-                bar.update(len(batch))
-    log.info("wrote %s (%d answered, %d with errors)", output, len(pending) - errors, errors)
-    return timings
+                bar.update(1)
+
+            for it in self.pending:
+                if it["problem"]:
+                    write(it, error=it["problem"])
+                    continue
+                try:
+                    windows = load_windows(it["audio"], max_windows=cap, config=audio_config)
+                    request = Request(it["prompt"], windows, sampling)
+                    while True:
+                        try:
+                            engine.submit(request, on_done=lambda done, it=it: write(it, answer=done.text))
+                            break
+                        except EngineFull:
+                            engine.step()
+                except (AudioError, TokenizerError, ValueError) as err:  # this item cannot be served
+                    write(it, error=str(err))
+            while not engine.idle:
+                engine.step()
+        if self.main:
+            self.finish()
+        errors = sum(1 for it in self.items if "error" in self.records.get(it["id"], {}))
+        log.info("wrote %s (%d answered, %d with errors)", self.output, len(self.items) - errors, errors)
+        return errors
+
+    def finish(self) -> None:
+        """The output rewritten in manifest order (lines of ids the manifest no longer has last), through a temporary
+        file and a rename, so a kill leaves either the old or the new file."""
+        order = {it["id"]: n for n, it in enumerate(self.items)}
+        records = sorted(self.records.values(), key=lambda r: order.get(r["id"], len(order)))
+        tmp = self.output.with_name(f".{self.output.name}.rewrite")
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.output)

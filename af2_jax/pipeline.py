@@ -1,4 +1,4 @@
-"""Question answering over audio files: load audio, build prompts, batch, generate, extract answers."""
+"""Question answering over audio files: load audio, build prompts, decode on the engine, extract answers."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from af2_jax.audio.io import collate_windows, load_windows
+from af2_jax.audio.io import load_windows
 from af2_jax.config import AudioConfig
-from af2_jax.generate import generate, left_pad
+from af2_jax.engine import Request, Sampling
+from af2_jax.generate import engine_for
 
 
 @dataclasses.dataclass
@@ -32,26 +33,29 @@ def prepare(tokenizer, audio, question: str, max_windows: int | None = None,
     return Item(windows, mask, tokenizer.prompt_ids(question))
 
 
-def answer_items(model, tokenizer, items: Sequence[Item], *, max_new_tokens: int = 256, temperature: float = 0.0,
-                 top_k=None, top_p=None, key=None, on_token: Callable | None = None,
-                 timings: dict | None = None, mesh=None) -> list[str]:
-    """Answers for a batch of prepared items (one generate call). `on_token(step, tokens)` streams; `timings`, if
-    given, accumulates the compile / audio-encode / decode seconds."""
-    # generate() buckets the prompt length, the window count and the rows itself.
-    audio, audio_mask = collate_windows([(it.windows, it.window_mask) for it in items])
-    ids, mask = left_pad([it.prompt_ids for it in items], model.config.tokens.pad)
-    out = generate(model, ids, mask, audio, audio_mask, max_new_tokens=max_new_tokens, temperature=temperature,
-                   top_k=top_k, top_p=top_p, key=key, on_token=on_token, mesh=mesh)
+def answer_items(model, tokenizer, items: Sequence[Item], sampling: Sampling = Sampling(), *,
+                 on_token: Callable[[int, list[int]], None] | None = None, timings: dict | None = None,
+                 mesh=None) -> list[str]:
+    """Answers for prepared items, decoded together on the model's engine (`af2_jax.generate.engine_for`).
+    `on_token(i, tokens)` streams item i's new tokens; `timings`, if given, accumulates the compile / audio-encode /
+    decode seconds and the tokens made."""
+    need = max(len(it.prompt_ids) for it in items) + sampling.max_new_tokens
+    engine = engine_for(model, tokenizer, mesh=mesh, max_len=need)
+    before = dict(engine.timings)
+    done = engine.run([Request(it.prompt_ids, (it.windows, it.window_mask), sampling) for it in items],
+                      on_token=on_token)
     if timings is not None:
-        for name, seconds in out.timings.items():
-            timings[name] = timings.get(name, 0.0) + seconds
-        timings["tokens"] = timings.get("tokens", 0) + int(out.lengths.sum())
-    return [tokenizer.answer(it.prompt_ids, out.tokens[row, : out.lengths[row]]) for row, it in enumerate(items)]
+        for name in engine.timings:
+            timings[name] = timings.get(name, 0) + engine.timings[name] - before[name]
+    return [tokenizer.answer(it.prompt_ids, completion.tokens) for it, completion in zip(items, done)]
 
 
-def answer(model, tokenizer, audio, question: str, *, max_new_tokens: int = 256, temperature: float = 0.0,
-           top_k=None, top_p=None, key=None, max_windows: int | None = None) -> str:
-    """The one-liner: `af2_jax.answer(model, tokenizer, "clip.wav", "What is happening?")` -> the answer text."""
+def answer(model, tokenizer, audio, question: str, sampling: Sampling | None = None, *,
+           max_windows: int | None = None, **options) -> str:
+    """The one-liner: `af2_jax.answer(model, tokenizer, "clip.wav", "What is happening?")` -> the answer text.
+    The decoding rule is `sampling` (an `af2_jax.Sampling`) or built from `options`, its fields
+    (`max_new_tokens=32, temperature=0.7, seed=1`); default greedy, 256 new tokens."""
+    if sampling is not None and options:
+        raise ValueError(f"pass either sampling= or its fields ({', '.join(options)}), not both")
     item = prepare(tokenizer, audio, question, max_windows, model.config.audio)
-    return answer_items(model, tokenizer, [item], max_new_tokens=max_new_tokens, temperature=temperature,
-                        top_k=top_k, top_p=top_p, key=key)[0]
+    return answer_items(model, tokenizer, [item], sampling or Sampling(**options))[0]

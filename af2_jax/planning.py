@@ -18,7 +18,7 @@ import optax
 from flax import nnx
 
 from af2_jax.config import resolve_model_config
-from af2_jax.generate import Sampling, _decode, _encode, bucket_prompt, bucket_rows, bucket_windows
+from af2_jax.engine import EnginePrograms, bucket_prompt, bucket_rows, bucket_windows
 from af2_jax.nn.af2 import AF2Model
 from af2_jax.sharding import (Placement, activation_sharding, batch_sharding, check_batch_splits, data_parallel_size,
                               format_mesh, make_mesh, parse_mesh_spec, variable_sharding)
@@ -127,26 +127,13 @@ def plan_serving(request: PlanRequest) -> dict:
 
 
 def _temporaries(graphdef, state, shardings, mesh, config, rows, windows, prompt, new, dtype) -> int:
-    """Largest temporary allocation of the audio and text programs, from XLA's memory analysis."""
-    def spec(shape, dtype_, sharding=None):
-        return jax.ShapeDtypeStruct(shape, dtype_, sharding=sharding)
-
+    """Largest temporary allocation of the serving engine's programs for these shapes (`EnginePrograms.for_shapes`:
+    the programs serving compiles), from XLA's memory analysis."""
     for path, var in nnx.to_flat_state(state):  # the abstract values, now with their shardings
-        var.set_value(spec(var.shape, var.dtype, shardings[path]))
-    abstract_state = state
-    batch = lambda shape, d: spec(shape, d, batch_sharding(mesh, shape[0], len(shape)))  # noqa: E731
-    samples = config.audio.window_samples
-    audio = (abstract_state, batch((rows, windows, samples), jnp.float32), batch((rows, windows), jnp.float32))
-    with activation_sharding(mesh, config):
-        audio_program = jax.jit(lambda *a: _encode(*a, graphdef=graphdef)).lower(*audio).compile()
-    media_kv, media_mask = jax.eval_shape(lambda *a: _encode(*a, graphdef=graphdef), *audio)
-    text = (abstract_state, media_kv, batch(media_mask.shape, media_mask.dtype), batch((rows, prompt), jnp.int32),
-            batch((rows, prompt), jnp.int32), jax.random.key(0))
-    statics = dict(graphdef=graphdef, max_new_tokens=new, sampling=Sampling(), eos=config.tokens.eos,
-                   pad=config.tokens.pad)
-    with activation_sharding(mesh, config):
-        text_program = jax.jit(lambda *a: _decode(*a, **statics)).lower(*text).compile()
-    return max(p.memory_analysis().temp_size_in_bytes for p in (audio_program, text_program))
+        var.set_value(jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=shardings[path]))
+    programs = EnginePrograms(graphdef, config, mesh=mesh).for_shapes(
+        state, dtype=dtype, slots=rows, windows=windows, prompt=prompt, max_len=prompt + new, steps=8)
+    return max(p.memory_analysis().temp_size_in_bytes for p in programs.values())
 
 
 def plan_training(request: PlanRequest) -> dict:

@@ -57,8 +57,9 @@ seconds, last = {}, start
 for name, at in marks.items():
     seconds[name], last = at - last, at
 generated = seconds.pop("generate")
-seconds.update(compile=timings["compile_s"], encode=timings["encode_s"], decode=timings["decode_s"])
-seconds["generate, other"] = generated - timings["compile_s"] - timings["encode_s"] - timings["decode_s"]
+seconds.update(compile=timings["compile_s"], encode=timings["encode_s"], prefill=timings["prefill_s"],
+               decode=timings["decode_s"])
+seconds["generate, other"] = generated - sum(timings[k] for k in ("compile_s", "encode_s", "prefill_s", "decode_s"))
 print(json.dumps({"answer": answer, "seconds": seconds, "inside": time.perf_counter() - start}))
 """
 PHASES = ["imports", "tokenizer", "load", "audio", "compile", "encode", "decode", "generate, other", "start and exit"]

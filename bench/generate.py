@@ -9,7 +9,7 @@ Small model (the issue's): LM hidden 512, 8 layers, 8 heads / 2 KV, intermediate
 at every layer, HTSAT embed 64 / depths 2-2-6-2, audio transformer 3 layers; 6 windows, 24-token prompt, 32 new
 tokens. Greedy, EOS disabled so every run decodes all tokens. Phases: encode = the audio path (HTSAT, audio
 transformer, and for JAX also every layer's cross-attention K/V); prefill = the text part of a 1-token run;
-decode tokens/s = (N - 1) * B / (text time of an N-token run - prefill). The reference is timed the same way by
+decode tokens/s = (N - 1) * B / the engine's decode seconds of an N-token run. The reference is timed by
 difference (its 1-token run minus its encode). Medians of --repeats runs after a warm-up run (which also compiles).
 On the CPU a "memory floor" row bounds what any implementation can decode: the bytes one step must read (weights,
 K/V, cache) at the best rate this machine streams a 1 GB matrix through a product with as many rows as the batch
@@ -33,7 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # for tests.helpers (the small model, random weights, the reference pair)
 
 from af2_jax.config import AF2Config, preset  # noqa: E402
-from af2_jax.generate import compiled_programs, generate, left_pad  # noqa: E402
+from af2_jax.engine import bucket_windows  # noqa: E402
+from af2_jax.generate import engine_for, generate, left_pad  # noqa: E402
 from af2_jax.nn.af2 import relayout  # noqa: E402
 from tests.helpers import bench_small_config, build_pair, random_model_from  # noqa: E402
 
@@ -62,32 +63,15 @@ def inputs(config: AF2Config, batch, windows, prompt_len):
 
 
 def bench_jax(model, audio, audio_mask, ids, mask, new_tokens, repeats):
-    """Phases from the sampler's own timings: encode (audio + every layer's cross-attention K/V), prefill (the
-    text stage with 1 new token), decode (the text stage's extra time for N - 1 more tokens)."""
-    run = lambda n: generate(model, ids, mask, audio, audio_mask, max_new_tokens=n, eos_token_id=NO_EOS)  # noqa
-    compile_s = run(new_tokens).timings["compile_s"] + run(1).timings["compile_s"]
-
-    def phases(n):
-        outs = [run(n) for _ in range(repeats)]
-        return (statistics.median(o.timings["encode_s"] for o in outs),
-                statistics.median(o.timings["decode_s"] for o in outs), outs[-1])
-
-    encode, prefill, _ = phases(1)
-    _, text, last = phases(new_tokens)
-    return {"encode": encode, "prefill": prefill, "decode_tps": (new_tokens - 1) * ids.shape[0] / (text - prefill),
-            "total": encode + text, "compile": compile_s, "tokens": last.tokens}
-
-
-def bench_jax_quick(model, audio, audio_mask, ids, mask, new_tokens, repeats):
-    """One program per batch size (no 1-token runs, so half the compilations): prefill is folded into decoding,
-    tokens/s = N * B / text time, a slight underestimate of the decode rate."""
+    """Phases from the engine's own timings (`generate` runs on it): encode (audio + every layer's cross-attention
+    K/V), prefill (prompt into the cache, first token, slot insertion), decode (the N - 1 further tokens)."""
     run = lambda: generate(model, ids, mask, audio, audio_mask, max_new_tokens=new_tokens, eos_token_id=NO_EOS)  # noqa
     compile_s = run().timings["compile_s"]
     outs = [run() for _ in range(repeats)]
-    encode = statistics.median(o.timings["encode_s"] for o in outs)
-    text = statistics.median(o.timings["decode_s"] for o in outs)
-    return {"encode": encode, "prefill": float("nan"), "decode_tps": new_tokens * ids.shape[0] / text,
-            "total": encode + text, "compile": compile_s, "tokens": outs[-1].tokens}
+    encode, prefill, decode = (statistics.median(o.timings[k] for o in outs) for k in ("encode_s", "prefill_s",
+                                                                                      "decode_s"))
+    return {"encode": encode, "prefill": prefill, "decode_tps": (new_tokens - 1) * ids.shape[0] / decode,
+            "total": encode + prefill + decode, "compile": compile_s, "tokens": outs[-1].tokens}
 
 
 def decode_weight_bytes(model) -> int:
@@ -105,8 +89,6 @@ def step_bytes(model, batch: int, windows: int, total_len: int) -> int:
     """Bytes one decoding step must read: the weights (`decode_weight_bytes`), every layer's cross-attention K/V
     and text KV cache for every row."""
     cfg = model.config
-    from af2_jax.generate import bucket_windows
-
     itemsize = jnp.dtype(model.dtype).itemsize
     media = bucket_windows(windows) * cfg.htsat.tokens_per_window
     per_row = cfg.lm.num_layers * 2 * (cfg.cross_attention.heads * media * cfg.cross_attention.dim_head +
@@ -170,13 +152,11 @@ def compare_layouts(config, dtype, args):
 
 
 def count_manifest_compilations(model, items=50, batch_size=8, new_tokens=8):
-    """Distinct compiled programs for 50 mixed-length items answered the way `infer --manifest` batches them."""
-    from af2_jax.generate import bucket_windows
-
+    """Distinct compiled programs for 50 mixed-length items answered in batches of 8 on the model's engine."""
     rng = np.random.default_rng(1)
     durations = rng.uniform(1, 120, items)  # seconds
     prompt_lens = rng.integers(5, 60, items)
-    before = compiled_programs()
+    before = engine_for(model).programs.count
     groups = {}
     for d, p in zip(durations, prompt_lens):
         groups.setdefault(bucket_windows(int(np.ceil(d / 10))), []).append(int(p))
@@ -187,7 +167,7 @@ def count_manifest_compilations(model, items=50, batch_size=8, new_tokens=8):
             audio = np.zeros((len(chunk), windows, config.audio.window_samples), np.float32)
             ids, mask = left_pad([[100] * p for p in chunk], config.tokens.pad)
             generate(model, ids, mask, audio, np.ones((len(chunk), windows), np.float32), max_new_tokens=new_tokens)
-    return compiled_programs() - before, len(groups)
+    return engine_for(model).programs.count - before, len(groups)
 
 
 def main():
@@ -201,7 +181,6 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-reference", action="store_true")
     p.add_argument("--manifest", action="store_true", help="also count compilations for a 50-item manifest")
-    p.add_argument("--quick", action="store_true", help="one program per batch size (see bench_jax_quick)")
     p.add_argument("--scan-layers", action="store_true",
                    help="decode with the layers stacked in one lax.scan (default: unstacked, as `infer`)")
     p.add_argument("--compare-layouts", action="store_true",
@@ -223,7 +202,7 @@ def main():
     print("|---|---|---|---|---|---|---|")
     for batch in map(int, args.batches.split(",")):
         data = inputs(config, batch, args.windows, args.prompt)
-        ours = (bench_jax_quick if args.quick else bench_jax)(model, *data, args.new, args.repeats)
+        ours = bench_jax(model, *data, args.new, args.repeats)
         print(f"| {batch} | jax | {ours['encode']:.3f} | {ours['prefill']:.3f} | {ours['decode_tps']:.1f} | "
               f"{ours['total']:.3f} | {ours['compile']:.1f} |", flush=True)
         if device.platform == "gpu":

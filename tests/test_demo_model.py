@@ -14,6 +14,7 @@ from flax import nnx
 
 import af2_jax
 from af2_jax.checkpoint.resolve import DEMO_CHECKPOINT
+from af2_jax.engine import Sampling
 from af2_jax.pipeline import answer_items, prepare
 from af2_jax.training.loop import normalise_answer
 from tests.helpers import REPO
@@ -73,7 +74,7 @@ def test_demo_model_answers_held_out_items(demo, held_out):
         items = list(manifest["data"].values())
         prepared = [prepare(tokenizer, str(folder / manifest["split_path"] / it["name"]), it["prompt"],
                             audio_config=model.config.audio) for it in items]
-        answers = answer_items(model, tokenizer, prepared, max_new_tokens=8)
+        answers = answer_items(model, tokenizer, prepared, Sampling(max_new_tokens=8))
         results[task] = sum(normalise_answer(a) == normalise_answer(it["output"]) for a, it in zip(answers, items))
     total = sum(results.values()) / (HELD_OUT_PER_TASK * len(results))
     assert total >= 0.85, results
@@ -98,3 +99,23 @@ def test_loading_unstacked_cuts_the_stored_layers(demo):
     for path, var in unstacked.items():
         expected = stacked[("layers", *path[2:])][...][path[1]] if path[0] == "layers" else stacked[path][...]
         np.testing.assert_array_equal(np.asarray(var[...]), np.asarray(expected), err_msg=str(path))
+
+
+def test_a_manifest_run_answers_each_item_as_it_is_answered_alone(held_out, tmp_path, cli_logging):
+    """`infer --manifest` (bfloat16, the serving layout, 8 slots of continuous batching) gives every held-out item
+    the answer `af2_jax.answer` gives it alone on `af2_jax.load(demo)` with its defaults."""
+    from af2_jax.cli.infer import main as infer_cli
+
+    folder, tasks = held_out
+    items = []
+    for task in tasks:
+        manifest = json.loads((folder / "manifests" / task / "test.json").read_text())
+        items += [{"id": f"{task}/{n}", "audio": str(folder / manifest["split_path"] / it["name"]),
+                   "prompt": it["prompt"]} for n, it in enumerate(manifest["data"].values())]
+    manifest, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    manifest.write_text("".join(json.dumps(it) + "\n" for it in items))
+    assert infer_cli(["--checkpoint", str(DEMO_CHECKPOINT), "--manifest", str(manifest), "--output", str(output)]) == 0
+    answers = {line["id"]: line["answer"] for line in map(json.loads, output.read_text().splitlines())}
+    model, tokenizer = af2_jax.load(DEMO_CHECKPOINT), af2_jax.load_tokenizer(DEMO_CHECKPOINT)
+    alone = {it["id"]: af2_jax.answer(model, tokenizer, it["audio"], it["prompt"]) for it in items}
+    assert len(items) == 48 and answers == alone

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from af2_jax.generate import bucket_prompt, bucket_rows, bucket_windows, generate, left_pad
+from af2_jax.engine import bucket_prompt, bucket_windows
+from af2_jax.generate import engine_for, generate, left_pad
 
 # Both layer layouts decode: stacked (one lax.scan; checkpoints, training) and unstacked (serving, `infer`).
 LAYOUTS = pytest.mark.parametrize("scan_layers", [True, False], ids=["stacked", "unstacked"])
@@ -93,24 +94,28 @@ def test_cached_decoding_equals_full_recomputation(golden, fixture_model):
 
 
 def _compile_lines(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "af2_jax.generate"]
+    return [r.getMessage() for r in caplog.records if r.name == "af2_jax.engine"]
 
 
 def test_sampling_is_reproducible_and_top_k_1_is_greedy(golden, caplog, fixture_model):
     model = fixture_model(golden, scan_layers=False)
     i = golden.inputs
     args = (i["gen_input_ids"], i["gen_attention_mask"], i["audio_x"], i["audio_x_mask"])
-    with caplog.at_level(logging.INFO, logger="af2_jax.generate"):
+    programs = engine_for(model).programs
+    with caplog.at_level(logging.INFO, logger="af2_jax.engine"):
+        before = programs.count
         a = generate(model, *args, max_new_tokens=8, temperature=1.0, top_k=20, top_p=0.9, key=jax.random.key(7))
-        # This sampling rule is compiled here first: one line before compiling, however many programs it takes.
-        rows, windows = bucket_rows(args[0].shape[0]), bucket_windows(args[2].shape[1])
-        assert _compile_lines(caplog) == [
-            f"compiling for {rows} row(s) x {windows} window(s), prompt {bucket_prompt(args[0].shape[1])} + 8 new "
-            f"tokens (first run only; cached in {jax.config.jax_compilation_cache_dir})"]
+        # Sampling rules are data, not shapes: the programs are the greedy ones. When this call compiled them, it said
+        # so in one line before compiling, however many programs it took.
+        rows, windows = args[0].shape[0], bucket_windows(args[2].shape[1])
+        expected = [f"compiling for {rows} row(s) x {windows} window(s), prompt {bucket_prompt(args[0].shape[1])} "
+                    f"+ 8 new tokens (first run only; cached in {jax.config.jax_compilation_cache_dir})"]
+        assert _compile_lines(caplog) == (expected if programs.count > before else [])
         caplog.clear()
+        compiled = programs.count
         b = generate(model, *args, max_new_tokens=8, temperature=1.0, top_k=20, top_p=0.9, key=jax.random.key(7))
         c = generate(model, *args, max_new_tokens=8, temperature=1.0, top_k=20, top_p=0.9, key=jax.random.key(8))
-        assert not _compile_lines(caplog)  # compiled already in this process: nothing to announce
+        assert not _compile_lines(caplog) and programs.count == compiled  # nothing new to compile or announce
     np.testing.assert_array_equal(a.tokens, b.tokens)
     assert not np.array_equal(a.tokens, c.tokens)
     greedy = generate(model, *args, max_new_tokens=8)

@@ -75,7 +75,7 @@ def test_manifest_resumes_after_a_kill(checkpoint, audio_files, tmp_path, home):
                                 for n, c in enumerate(clips)))
     output = tmp_path / "out.jsonl"
     args = ["--checkpoint", checkpoint, "--manifest", manifest, "--output", output, "--batch-size", 1,
-            "--max-new-tokens", 4, "--dtype", "float32"]
+            "--max-new-tokens", 4, "--dtype", "float32", "--keep-going"]
     proc = subprocess.Popen([sys.executable, "-m", "af2_jax.infer", *map(str, args)], env=_env(home),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120

@@ -36,7 +36,7 @@ def manifest_run(clip, tmp_path_factory):
     manifest, output = folder / "in.jsonl", folder / "out.jsonl"
     manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
     code = infer_cli(["--manifest", str(manifest), "--output", str(output), "--max-new-tokens", "2",
-                      "--dtype", "float32"])
+                      "--dtype", "float32", "--keep-going"])
     return code, {line["id"]: line for line in map(json.loads, output.read_text().splitlines())}
 
 
@@ -136,3 +136,27 @@ def test_an_m4a_without_pyav_names_the_extra(tmp_path, capsys, monkeypatch):
     err = _one_line_error(capsys)
     assert err == (f"error: {voice_note}: is an MP4/M4A file, which libsndfile cannot decode; install PyAV to read it "
                    "(pip install -e '.[av]') or convert the file to wav/flac\n")
+
+
+def test_a_second_run_on_the_same_output_is_refused(clip, tmp_path, capsys):
+    from af2_jax.manifest import ManifestJob
+
+    manifest = _manifest(tmp_path, {"audio": clip, "prompt": "hi"})
+    output = tmp_path / "out.jsonl"
+    with ManifestJob(manifest, output):  # a run in progress holds the output's lock
+        assert infer_cli(["--manifest", str(manifest), "--output", str(output)]) == 1
+        err = _one_line_error(capsys)
+        assert f"another run is writing {output}" in err and "out.jsonl.lock" in err
+    assert not output.exists()
+
+
+def test_error_lines_make_the_exit_code_1_unless_keep_going(tmp_path, capsys):
+    """A finished output with an error line exits 1 (with --keep-going 0); the error item is retried by each rerun
+    and its line replaced, the file staying in manifest order."""
+    manifest = _manifest(tmp_path, {"id": "a", "audio": 3, "prompt": "hi"}, {"id": "b", "audio": None, "prompt": "hi"})
+    output = tmp_path / "out.jsonl"
+    assert infer_cli(["--manifest", str(manifest), "--output", str(output)]) == 1
+    assert infer_cli(["--manifest", str(manifest), "--output", str(output), "--keep-going"]) == 0
+    assert "2 already answered in" in capsys.readouterr().err
+    lines = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [line["id"] for line in lines] == ["a", "b"] and all("error" in line for line in lines)

@@ -14,7 +14,7 @@ LAYERS = {
     "af2_jax.tokenizer": 0, "af2_jax.cache": 0,
     "af2_jax.nn": 1,
     "af2_jax.checkpoint": 2,
-    "af2_jax.generate": 3, "af2_jax.pipeline": 3, "af2_jax.manifest": 3, "af2_jax.planning": 3,
+    "af2_jax.engine": 3, "af2_jax.generate": 3, "af2_jax.pipeline": 3, "af2_jax.manifest": 3, "af2_jax.planning": 3,
     "af2_jax.training": 3,
     "af2_jax": 4,  # the package root: the public API, built on every library layer
     "af2_jax.cli": 5,

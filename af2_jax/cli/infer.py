@@ -7,10 +7,14 @@
 Manifest lines are JSON objects {"audio": PATH, "prompt": TEXT, "id": optional string or integer, by default the
 line number}. A line that is not such an object stops the run (fix the line); an item whose fields have the wrong
 type, or whose audio or prompt cannot be used, gets an "error" line and the others go on. Each item becomes one
-output line {"id", "audio", "prompt", "answer"} (or "error"), written and flushed batch by batch; rerunning the
-same command after a kill skips what is already in the output. --output must be a new file or one written by this
-command for the same questions: another file, the manifest itself, or an output that answered an id for another
-audio or prompt is refused and left as it is.
+output line {"id", "audio", "prompt", "answer"} (or "error"), appended as the item finishes; rerunning the same
+command after a kill skips what is already answered and retries the items that failed; a finished run rewrites the
+output in manifest order. The exit code is 1 when the finished output holds an error line (0 with --keep-going).
+--output must be a new file or one written by this command for the same questions: another file, the manifest
+itself, or an output that answered an id for another audio or prompt is refused and left as it is; a second run
+on the same output while one runs is refused (OUT.jsonl.lock).
+
+Requests decode with continuous batching: --slots of them at once, a finished one making room for the next.
 
 Checkpoint: --checkpoint DIR (from `python -m af2_jax.convert`); without it, the converted release in the cache
 ($AF2_JAX_HOME, default ~/.cache/af2_jax) if there is one, else the embedded demo model, announced as such.
@@ -26,15 +30,16 @@ runs of the same shapes skip compiling; AF2_JAX_COMPILATION_CACHE=0 turns that o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import time
 from pathlib import Path
 
 from af2_jax.checkpoint.resolve import RELEASE_REPO
-from af2_jax.cli.common import EXIT_CODES, prog, run_command, setup_logging, warn_if_cpu_only
+from af2_jax.cli.common import EXIT_CODES, EXIT_INPUT, prog, run_command, setup_logging, warn_if_cpu_only
 from af2_jax.config import MAX_WINDOWS_LIMIT, check_max_windows
-from af2_jax.generate import Sampling
+from af2_jax.engine import Sampling
 
 log = logging.getLogger("af2_jax.infer")
 
@@ -67,13 +72,16 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-windows", type=int,
                      help=f"windows per clip (10 s each in AF2), 1..{MAX_WINDOWS_LIMIT}; default: the model's "
                           "(12 = 2 minutes for the release)")
-    gen.add_argument("--batch-size", type=int, default=8)
+    gen.add_argument("--slots", "--batch-size", dest="slots", type=int, default=8,
+                     help="requests decoding at once (continuous batching; --batch-size is its old name)")
     multi = p.add_argument_group("multi-host (auto-detected on TPU pods and under SLURM)")
     multi.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0")
     multi.add_argument("--num-processes", type=int)
     multi.add_argument("--process-id", type=int)
     out = p.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="print one JSON object per answer")
+    out.add_argument("--keep-going", action="store_true",
+                     help="(--manifest) exit 0 even when some items end with an error line")
     out.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     out.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
@@ -99,10 +107,12 @@ def _check_args(p: argparse.ArgumentParser, args) -> None:
             check_max_windows(args.max_windows, "--max-windows ")
         except ValueError as err:
             p.error(str(err))
-    if args.max_new_tokens < 1 or args.batch_size < 1:
-        p.error("--max-new-tokens and --batch-size must be >= 1")
-    try:  # the sampling rule is generate's; a value it refuses is a bad argument here
-        Sampling(args.temperature, args.top_k, args.top_p)
+    if args.keep_going and not args.manifest:
+        p.error("--keep-going is for --manifest mode")
+    if args.slots < 1:
+        p.error("--slots must be >= 1")
+    try:  # the one place the decoding rule is checked; a value it refuses is a bad argument here
+        args.sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
     except ValueError as err:
         p.error(str(err))
 
@@ -130,20 +140,14 @@ def _load(args, path: Path, why: str, mesh):
     return model
 
 
-def _sampling(args, mesh) -> dict:
-    import jax
-
-    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, key=jax.random.key(args.seed), mesh=mesh)
-
-
 def _run(args) -> int:
     from af2_jax.checkpoint.folder import read_config
     from af2_jax.checkpoint.resolve import resolve_checkpoint
     from af2_jax.distributed import maybe_initialize_distributed
-    from af2_jax.manifest import pending_items
+    from af2_jax.generate import engine_for
+    from af2_jax.manifest import ManifestJob
     from af2_jax.pipeline import prepare
-    from af2_jax.sharding import make_mesh
+    from af2_jax.sharding import check_batch_splits, make_mesh
     from af2_jax.tokenizer import load_tokenizer
 
     maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
@@ -151,26 +155,28 @@ def _run(args) -> int:
 
     # A mesh that cannot work is refused before anything is loaded or compiled.
     mesh = make_mesh(args.mesh) if args.mesh else None
-    pending = pending_items(args.manifest, args.output) if args.manifest else None
-    path, why = resolve_checkpoint(args.checkpoint, download=args.download, dtype=args.dtype)
-    config, _ = read_config(path)
-    tokenizer = load_tokenizer(path, config.tokens)
-    _check_context(args, config, tokenizer, path)
-    items = None
-    if args.audio:  # read every input before the (slow) model load, so a bad file fails at once
-        start = time.perf_counter()
-        items = [prepare(tokenizer, audio, args.prompt, args.max_windows, config.audio) for audio in args.audio]
-        log.info("audio: %d file(s), %d window(s) loaded in %.2f s", len(items),
-                 sum(it.windows.shape[0] for it in items), time.perf_counter() - start)
-    model = _load(args, path, why, mesh)
-    sampling = _sampling(args, mesh)
-    if args.manifest:
-        from af2_jax.manifest import answer_manifest
-
-        _log_timings(answer_manifest(model, tokenizer, pending, args.output, batch_size=args.batch_size,
-                                     max_windows=args.max_windows, sampling=sampling))
-        return 0
-    return _run_files(args, model, tokenizer, items, sampling)
+    if mesh is not None:
+        check_batch_splits(mesh, args.slots, "--slots", fix="pass a multiple of {data}")
+    with contextlib.ExitStack() as stack:
+        job = stack.enter_context(ManifestJob(args.manifest, args.output)) if args.manifest else None
+        path, why = resolve_checkpoint(args.checkpoint, download=args.download, dtype=args.dtype)
+        config, _ = read_config(path)
+        tokenizer = load_tokenizer(path, config.tokens)
+        _check_context(args, config, tokenizer, path)
+        items = None
+        if args.audio:  # read every input before the (slow) model load, so a bad file fails at once
+            start = time.perf_counter()
+            items = [prepare(tokenizer, audio, args.prompt, args.max_windows, config.audio) for audio in args.audio]
+            log.info("audio: %d file(s), %d window(s) loaded in %.2f s", len(items),
+                     sum(it.windows.shape[0] for it in items), time.perf_counter() - start)
+        model = _load(args, path, why, mesh)
+        engine = engine_for(model, tokenizer, slots=args.slots, mesh=mesh,
+                            max_len=tokenizer.max_prompt_tokens + args.max_new_tokens)
+        if job is not None:
+            errors = job.run(engine, args.sampling, args.max_windows)
+            _log_timings(engine.timings)
+            return EXIT_INPUT if errors and not args.keep_going else 0
+        return _run_files(args, engine, tokenizer, items)
 
 
 def _check_context(args, config, tokenizer, path: Path) -> None:
@@ -185,39 +191,36 @@ def _check_context(args, config, tokenizer, path: Path) -> None:
                          "or less")
 
 
-def _run_files(args, model, tokenizer, items, sampling: dict) -> int:
+def _run_files(args, engine, tokenizer, items) -> int:
     from af2_jax.distributed import is_main_process
-    from af2_jax.pipeline import answer_items
+    from af2_jax.engine import Request
 
     main = is_main_process()  # every process decodes; only process 0 prints
-
-    timings: dict = {}
+    requests = [Request(it.prompt_ids, (it.windows, it.window_mask), args.sampling) for it in items]
     if args.stream:
-        for path, item in zip(args.audio, items):
-            streamer = _Streamer(tokenizer, item.prompt_ids) if main else None
+        for path, item, request in zip(args.audio, items, requests):
             if main:
                 print(f"{path}: ", end="", flush=True)
-            answer_items(model, tokenizer, [item], on_token=streamer, timings=timings, **sampling)
+            engine.run([request], on_token=_Streamer(tokenizer, item.prompt_ids) if main else None)
             if main:
                 print(flush=True)
     else:
-        for first in range(0, len(items), args.batch_size):
-            batch = items[first:first + args.batch_size]
-            answers = answer_items(model, tokenizer, batch, timings=timings, **sampling)
-            for path, text in zip(args.audio[first:first + args.batch_size], answers if main else []):
-                if args.json:
-                    print(json.dumps({"audio": path, "prompt": args.prompt, "answer": text}), flush=True)
-                else:
-                    print(f"{path}: {text}" if len(args.audio) > 1 else text, flush=True)
-    _log_timings(timings)
+        done = engine.run(requests)
+        for path, item, completion in zip(args.audio, items, done if main else []):
+            text = tokenizer.answer(item.prompt_ids, completion.tokens)
+            if args.json:
+                print(json.dumps({"audio": path, "prompt": args.prompt, "answer": text}), flush=True)
+            else:
+                print(f"{path}: {text}" if len(args.audio) > 1 else text, flush=True)
+    _log_timings(engine.timings)
     return 0
 
 
 def _log_timings(timings: dict) -> None:
     if timings:
-        log.info("compile %.2f s; audio encoding %.2f s; decoding %.2f s (%d tokens, %.1f tokens/s)",
-                 timings["compile_s"], timings["encode_s"], timings["decode_s"], timings["tokens"],
-                 timings["tokens"] / max(timings["decode_s"], 1e-9))
+        log.info("compile %.2f s; audio encoding %.2f s; prefill %.2f s; decoding %.2f s (%d tokens, %.1f tokens/s)",
+                 timings["compile_s"], timings["encode_s"], timings["prefill_s"], timings["decode_s"],
+                 timings["tokens"], timings["tokens"] / max(timings["decode_s"], 1e-9))
 
 
 class _Streamer:
@@ -227,15 +230,9 @@ class _Streamer:
         self.tokenizer, self.prompt_ids = tokenizer, list(prompt_ids)
         self.ids: list[int] = []
         self.shown = ""
-        self.stopped = False
 
-    def __call__(self, step: int, tokens):
-        if self.stopped:
-            return
-        token = int(tokens[0])
-        self.ids.append(token)
-        if token == self.tokenizer.tokens.eos:
-            self.stopped = True
+    def __call__(self, request: int, tokens: list[int]):
+        self.ids.extend(tokens)
         text = self.tokenizer.answer(self.prompt_ids, self.ids)
         if text.startswith(self.shown) and not text.endswith("\ufffd"):
             print(text[len(self.shown):], end="", flush=True)

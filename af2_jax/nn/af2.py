@@ -152,8 +152,14 @@ class AF2Model(nnx.Module):
         one = jax.ShapeDtypeStruct((batch, lm.num_kv_heads, length, lm.head_dim), self.dtype)
         return self.layers.zeros((one, one))
 
+    def write_rows(self, per_layer, rows, index):
+        """Per-layer values (`media_kv`, `init_cache`) with batch rows from `index` on replaced by `rows`, per-layer
+        values of the same layout with fewer rows: how a request enters a serving slot."""
+        return self.layers.write_rows(per_layer, rows, index)
+
     def cached_step(self, input_ids, positions, mask, media_kv, media_mask, cache, index):
-        """The LM on `input_ids` `(B, T)` written into the KV cache at slot `index`, attending over the whole cache
+        """The LM on `input_ids` `(B, T)` written into the KV cache from position `index` on (a scalar, or `(B,)`,
+        one per row), attending over the whole cache
         (`mask` `(B, T, S_max)`), with precomputed cross-attention K/V (`media_kv`). Returns final hidden states
         `(B, T, hidden)` (before the output projection) and the updated cache."""
         cos, sin = rope_cos_sin(positions, self.config.lm.head_dim, self.config.lm.rope_theta)

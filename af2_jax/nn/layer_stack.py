@@ -8,7 +8,8 @@
   as separate buffers), so serving keeps one buffer per layer.
 
 Both give: `run` (the layers over a carry), `map` (a function of each layer, e.g. its cross-attention K/V), `zeros`
-(per-layer buffers such as KV caches), `as_stacked` (per-layer values with a leading layers axis) and, through
+(per-layer buffers such as KV caches), `write_rows` (batch rows of per-layer values replaced, e.g. a request put
+into a serving slot), `as_stacked` (per-layer values with a leading layers axis) and, through
 `slots`, each parameter as checkpoints store it. Values that differ per layer ("per-layer values") are kept in the
 form's own layout, a pytree whose leaves carry a leading layers axis or a tuple with one pytree per layer; callers
 hand them back to the same form and never look inside.
@@ -70,6 +71,11 @@ class StackedLayers(nnx.Module):
     def as_stacked(self, per_layer):
         return per_layer
 
+    def write_rows(self, per_layer, rows, index):
+        """Per-layer values with batch rows `index...` replaced by `rows` (per-layer values of fewer rows)."""
+        return jax.tree.map(lambda values, new: jax.lax.dynamic_update_slice_in_dim(values, new, index, axis=1),
+                            per_layer, rows)
+
     def layer_slots(self, prefix: str, variables) -> list[Slot]:
         return [Slot(prefix + path, (var,), layered=True) for path, var in variables]
 
@@ -105,6 +111,10 @@ class LayerList(nnx.List):
 
     def as_stacked(self, per_layer):
         return jax.tree.map(lambda *layers: jnp.stack(layers), *per_layer)
+
+    def write_rows(self, per_layer, rows, index):
+        return tuple(jax.tree.map(lambda values, new: jax.lax.dynamic_update_slice_in_dim(values, new, index, axis=0),
+                                  layer_values, layer_rows) for layer_values, layer_rows in zip(per_layer, rows))
 
     def layer_slots(self, prefix: str, variables) -> list[Slot]:
         groups: dict[str, dict[int, nnx.Variable]] = {}

@@ -79,12 +79,21 @@ class Qwen2Attention(nnx.Module):
 
 
     def cached(self, x, cos, sin, mask, cache_k, cache_v, index):
-        """Writes this call's keys/values into the cache at slot `index` and attends over the whole cache.
-        cache `(B, KV, S_max, d)`; mask `(B, T, S_max)`. Returns (output, cache_k, cache_v)."""
+        """Writes this call's keys/values into the cache from position `index` on (a scalar, or one position per
+        row `(B,)`) and attends over the whole cache. cache `(B, KV, S_max, d)`; mask `(B, T, S_max)`. Returns
+        (output, cache_k, cache_v)."""
         k, v = self.project_kv(x, cos, sin)
-        cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, 0, index, 0))
-        cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, 0, index, 0))
+        cache_k, cache_v = _write(cache_k, k, index), _write(cache_v, v, index)
         return self(x, cos, sin, mask, kv=(cache_k, cache_v)), cache_k, cache_v
+
+
+def _write(cache, new, index):
+    """`new` `(B, KV, T, d)` into `cache` `(B, KV, S_max, d)` at position `index` (scalar) or `index[b]` for row b."""
+    new = new.astype(cache.dtype)
+    if jnp.ndim(index) == 0:
+        return jax.lax.dynamic_update_slice(cache, new, (0, 0, index, 0))
+    return jax.vmap(lambda row, rows_new, at: jax.lax.dynamic_update_slice(row, rows_new, (0, at, 0)))(
+        cache, new, index)
 
 
 class Qwen2MLP(nnx.Module):

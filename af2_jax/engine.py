@@ -1,0 +1,638 @@
+"""The serving engine: requests decode in slots with continuous batching, on compiled programs the engine owns.
+
+A request is encoded (HTSAT, the audio transformer and every layer's cross-attention K/V; batch 1), prefilled (its
+prompt written into a fresh text cache of `max_len` positions and its first token sampled; batch 1) and inserted into
+a free row of a slot group, where it decodes with the group's other requests, several steps per compiled call, until
+it stops; the row is then free for the next request. New requests join between calls while the others keep their
+caches, so a short answer never waits for a long one.
+
+Shapes are static, so the compiled programs are bounded whatever the traffic (`EnginePrograms.bound`): per window
+group W one encode, one group set-up, one insert and one decode program, and per (W, prompt bucket) one prefill.
+A request's group is the smallest of `window_groups` that holds its windows, a function of the request alone, so a
+one-window request never pays for a neighbour's thirty windows at every step; the price of several active groups is
+one read of the weights per group per step (decoding is memory-bound). `docs/design.md` has the figures.
+
+A row's tokens depend on its own request only: its sampling key for its n-th token is `fold_in(key(seed), n)`,
+masks, positions and cache indices are per row, the programs it runs are chosen by its own shapes, and no row's
+arithmetic reads another's. So greedy tokens equal the request decoded alone, and a seeded sampled request gives the
+same tokens whatever its batch-mates and arrival time.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import logging
+import math
+import threading
+import time
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from af2_jax.audio.io import load_windows
+from af2_jax.sharding import activation_sharding, check_batch_splits
+
+log = logging.getLogger(__name__)
+
+# At most a quarter of a bucket is padding: every padded window costs a full HTSAT pass and its share of the
+# cross-attention K/V read at every decoding step.
+WINDOW_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 20, 24, 30)
+MIN_PROMPT_BUCKET = 16
+MAX_STOP_IDS = 8  # stop ids per request besides the model's EOS
+
+
+def bucket_prompt(length: int) -> int:
+    return max(MIN_PROMPT_BUCKET, 1 << (length - 1).bit_length())
+
+
+def bucket_rows(count: int) -> int:
+    return 1 << (count - 1).bit_length()
+
+
+def bucket_windows(count: int) -> int:
+    return next((size for size in WINDOW_BUCKETS if count <= size), count)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How one request decodes: up to `max_new_tokens`; temperature 0 is greedy; `top_k` / `top_p` restrict sampling
+    (None: off); `seed` fixes the sampled tokens; the answer stops at the model's EOS (unless `ignore_eos`) and at
+    any of `stop_ids`. Checked here, once, where it is built."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 0
+    stop_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
+                or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        # Written so that NaN fails too (every comparison with NaN is false): a NaN or infinite temperature turns
+        # every logit into NaN or zero, and sampling then returns garbage.
+        if not 0 <= self.temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.seed < 2 ** 63:
+            raise ValueError(f"seed must be in 0..2**63-1, got {self.seed}")
+        object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
+        if len(self.stop_ids) > MAX_STOP_IDS or any(i < 0 for i in self.stop_ids):
+            raise ValueError(f"stop_ids: at most {MAX_STOP_IDS} token ids >= 0, got {self.stop_ids}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One question: `prompt` is a question (the prompt template is applied) or prompt ids used as they are;
+    `audio` a file path or `(windows (W, 160000), mask (W,))` already loaded."""
+
+    prompt: str | Sequence[int]
+    audio: object
+    sampling: Sampling = Sampling()
+
+
+class EngineFull(RuntimeError):
+    """More requests are waiting than the engine's `max_pending`; retry later (the server answers 429)."""
+
+
+@dataclasses.dataclass
+class Completion:
+    """A finished request: its new tokens (a stop token included), why it ended ("stop", "length" or "cancelled"),
+    the prompt ids it was asked with and the answer text (None when the prompt was given as ids)."""
+
+    tokens: list[int]
+    finish_reason: str
+    prompt_ids: list[int]
+    text: str | None
+
+
+class Handle:
+    """A submitted request. `result()` waits for its `Completion` (and drives the engine meanwhile when nothing
+    else does); `done()` says whether it has one."""
+
+    def __init__(self, engine: Engine, request: Request, prompt_ids: list[int], windows, window_mask, on_token,
+                 on_done, number: int):
+        self.engine, self.request, self.number = engine, request, number
+        self.prompt_ids, self.windows, self.window_mask = prompt_ids, windows, window_mask
+        self.on_token, self.on_done = on_token, on_done
+        self.tokens: list[int] = []
+        self.completion: Completion | None = None
+        self.cancelled = False
+        self._finished = threading.Event()
+
+    def done(self) -> bool:
+        return self._finished.is_set()
+
+    def result(self, timeout: float | None = None) -> Completion:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._finished.is_set():
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"request {self.number} did not finish in {timeout} s")
+            self.engine._drive(self._finished)
+        return self.completion
+
+
+class Group(NamedTuple):
+    """The decoding state of one slot group: every field has the slot count as its leading (batch) axis; `cache`
+    and `media_kv` are per-layer values of the model's layer form."""
+
+    cache: object  # per-layer (K, V) text caches (S, kv_heads, max_len, head_dim)
+    media_kv: object  # per-layer cross-attention (K, V) (S, heads, W*64, dim_head)
+    media_mask: jax.Array  # (S, W*64)
+    key_valid: jax.Array  # (S, max_len) bool: cache positions holding a real token
+    last: jax.Array  # (S,) the newest token, written to the cache by the next step
+    position: jax.Array  # (S,) its position
+    index: jax.Array  # (S,) the cache position it is written to
+    count: jax.Array  # (S,) new tokens so far
+    max_new: jax.Array  # (S,)
+    running: jax.Array  # (S,) bool
+    temperature: jax.Array  # (S,) 0 = greedy
+    top_k: jax.Array  # (S,) 0 = off
+    top_p: jax.Array  # (S,) 1 = off
+    key: jax.Array  # (S,) typed PRNG keys, one per request
+    stop: jax.Array  # (S, 1 + MAX_STOP_IDS) stop ids, -1 = none
+
+
+class Row(NamedTuple):
+    """One prefilled request, ready to be inserted into a group (batch 1)."""
+
+    cache: object
+    media_kv: object
+    media_mask: jax.Array
+    key_valid: jax.Array
+    last: jax.Array
+    position: jax.Array
+    index: jax.Array
+    count: jax.Array
+    max_new: jax.Array
+    running: jax.Array
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    key: jax.Array
+    stop: jax.Array
+
+
+def sample_rows(logits, keys, temperature, top_k, top_p):
+    """Next tokens `(B,)` from float32 logits `(B, V)`, each row by its own rule and key; rows with temperature 0
+    take the argmax. The sampling work runs only when some row samples."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def sampled():
+        vocab = logits.shape[-1]
+        scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+        ranked = -jnp.sort(-scaled, axis=-1)  # descending
+        k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+        ranked = jnp.where(jnp.arange(vocab)[None] < k[:, None], ranked, -jnp.inf)
+        probs = jax.nn.softmax(ranked, axis=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the best token always stays): its last value is the
+        # threshold every kept logit reaches.
+        kept = (jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]
+        threshold = jnp.min(jnp.where(kept, ranked, jnp.inf), axis=-1)
+        masked = jnp.where(scaled >= threshold[:, None], scaled, -jnp.inf)
+        return jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, masked).astype(jnp.int32)
+
+    tokens = jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: greedy)
+    return jnp.where(temperature > 0, tokens, greedy)
+
+
+def _token_keys(keys, count):
+    return jax.vmap(jax.random.fold_in)(keys, count)
+
+
+def _encode(state, audio, audio_mask, *, graphdef):
+    """HTSAT over every window, the audio transformer, and every layer's cross-attention K/V."""
+    model = nnx.merge(graphdef, state)
+    media, media_mask = model.encode_audio(audio, audio_mask)
+    return model.media_kv(media), media_mask
+
+
+def _prefill(state, media_kv, media_mask, ids, length, sampling, *, graphdef, max_len: int):
+    """A prompt `ids (1, P)` whose first `length` tokens are real (right padding) into a fresh text cache, and its
+    first new token. Returns the request's `Row`."""
+    model = nnx.merge(graphdef, state)
+    prompt = ids.shape[1]
+    real = jnp.arange(prompt)[None] < length[:, None]  # (1, P)
+    key_valid = jnp.concatenate([real, jnp.zeros((1, max_len - prompt), bool)], axis=1)
+    positions = jnp.where(real, jnp.arange(prompt)[None], 0)
+    causal = jnp.arange(max_len)[None, None, :] <= jnp.arange(prompt)[None, :, None]
+    hidden, cache = model.cached_step(ids, positions, causal & key_valid[:, None, :], media_kv, media_mask,
+                                      model.init_cache(1, max_len), 0)
+    temperature, top_k, top_p, key, max_new, stop = sampling
+    last_hidden = jnp.take_along_axis(hidden, (length - 1)[:, None, None], axis=1)[:, 0]
+    first = sample_rows(model.logits(last_hidden), _token_keys(key, jnp.zeros((1,), jnp.int32)), temperature,
+                        top_k, top_p)
+    count = jnp.ones((1,), jnp.int32)
+    running = ~jnp.any(first[:, None] == stop, axis=-1) & (count < max_new)
+    return Row(cache, media_kv, media_mask, key_valid, first, length, length, count, max_new, running, temperature,
+               top_k, top_p, key, stop)
+
+
+def _empty_group(state, *, graphdef, slots: int, windows: int, max_len: int, tokens_per_window: int, media_dim: int,
+                 dtype):
+    """A group of `slots` free rows (zeros: no weights are read)."""
+    model = nnx.merge(graphdef, state)
+    media = jax.ShapeDtypeStruct((slots, windows * tokens_per_window, media_dim), dtype)
+    zeros = lambda spec: jnp.zeros(spec.shape, spec.dtype)  # noqa: E731
+    media_kv = jax.tree.map(zeros, jax.eval_shape(model.media_kv, media))
+    rows = lambda dtype, fill=0: jnp.full((slots,), fill, dtype)  # noqa: E731
+    return Group(model.init_cache(slots, max_len), media_kv, jnp.zeros(media.shape[:2], jnp.float32),
+                 jnp.zeros((slots, max_len), bool), rows(jnp.int32), rows(jnp.int32), rows(jnp.int32),
+                 rows(jnp.int32), rows(jnp.int32, 1), rows(bool), rows(jnp.float32), rows(jnp.int32),
+                 rows(jnp.float32, 1), jax.random.split(jax.random.key(0), slots),
+                 jnp.full((slots, 1 + MAX_STOP_IDS), -1, jnp.int32))
+
+
+def _insert(state, group: Group, row: Row, slot, *, graphdef):
+    """`row` written into row `slot` of `group`."""
+    model = nnx.merge(graphdef, state)
+    cache = model.write_rows(group.cache, row.cache, slot)
+    media_kv = model.write_rows(group.media_kv, row.media_kv, slot)
+    rest = [jax.lax.dynamic_update_index_in_dim(g, r[0], slot, 0) for g, r in zip(group[2:], row[2:])]
+    return Group(cache, media_kv, *rest)
+
+
+def _decode(state, group: Group, *, graphdef, steps: int):
+    """Up to `steps` tokens for every running row, stopping early once a row finishes (so its slot is freed at
+    once) or none runs. Returns the group and the new tokens `(S, steps)` (-1 where a row made none)."""
+    model = nnx.merge(graphdef, state)
+    slots = group.last.shape[0]
+    rows = jnp.arange(slots)
+
+    def cond(carry):
+        step, g, _, finished = carry
+        return (step < steps) & ~finished & jnp.any(g.running)
+
+    def body(carry):
+        step, g, out, _ = carry
+        key_valid = g.key_valid.at[rows, g.index].set(g.key_valid[rows, g.index] | g.running)
+        hidden, cache = model.cached_step(g.last[:, None], g.position[:, None], key_valid[:, None, :], g.media_kv,
+                                          g.media_mask, g.cache, g.index)
+        token = sample_rows(model.logits(hidden[:, 0]), _token_keys(g.key, g.count), g.temperature, g.top_k,
+                            g.top_p)
+        count = g.count + g.running
+        stopped = jnp.any(token[:, None] == g.stop, axis=-1) | (count >= g.max_new)
+        out = out.at[:, step].set(jnp.where(g.running, token, -1))
+        advance = g.running.astype(jnp.int32)
+        g = g._replace(cache=cache, key_valid=key_valid, last=jnp.where(g.running, token, g.last),
+                       position=g.position + advance, index=g.index + advance, count=count,
+                       running=g.running & ~stopped)
+        return step + 1, g, out, jnp.any(stopped & (advance > 0))
+
+    out = jnp.full((slots, steps), -1, jnp.int32)
+    _, group, out, _ = jax.lax.while_loop(cond, body, (0, group, out, False))
+    return group, out
+
+
+class EnginePrograms:
+    """The compiled programs of one engine, by kind, static arguments and argument shapes; compiled ahead of time,
+    so compile time is measured apart, and kept in a bounded cache (least recently used goes first). `count` is how
+    many are held and `keys()` what they are; `bound(groups, prompt_buckets)` is how many serving can ever need;
+    `compiled(kind, args, **statics)` compiles (or returns) one for concrete or abstract arguments, which is how
+    `plan` sizes exactly what serving runs."""
+
+    FUNCTIONS = {"encode": "_encode", "group": "_empty_group", "prefill": "_prefill", "insert": "_insert",
+                 "decode": "_decode"}
+
+    def __init__(self, graphdef, config, *, mesh=None, capacity: int = 256, announce: Callable[[str], None] = None):
+        self.graphdef, self.config, self.mesh, self.capacity = graphdef, config, mesh, capacity
+        self.announce = announce or (lambda what: None)
+        self.compile_s = 0.0
+        self._programs: collections.OrderedDict = collections.OrderedDict()
+
+    @staticmethod
+    def bound(groups: int, prompt_buckets: int) -> int:
+        """Programs that serving with `groups` window groups and `prompt_buckets` prompt buckets can need: per group
+        an encode, a set-up, an insert and a decode, and per (group, prompt bucket) a prefill."""
+        return groups * (4 + prompt_buckets)
+
+    @property
+    def count(self) -> int:
+        return len(self._programs)
+
+    def keys(self) -> list[tuple]:
+        return list(self._programs)
+
+    def compiled(self, kind: str, args, **statics):
+        leaves, tree = jax.tree.flatten(args)
+        key = (kind, tuple(sorted(statics.items())), tree,
+               tuple((leaf.shape, leaf.dtype, getattr(leaf, "sharding", None)) for leaf in leaves))
+        program = self._programs.get(key)
+        if program is not None:
+            self._programs.move_to_end(key)
+            return program
+        self.announce(kind)
+        start = time.perf_counter()
+        fn = functools.partial(globals()[self.FUNCTIONS[kind]], graphdef=self.graphdef, **statics)
+        with activation_sharding(self.mesh, self.config):
+            program = jax.jit(fn).lower(*args).compile()
+        self.compile_s += time.perf_counter() - start
+        self._programs[key] = program
+        if len(self._programs) > self.capacity:
+            self._programs.popitem(last=False)
+        return program
+
+    def run(self, kind: str, args, **statics):
+        return self.compiled(kind, args, **statics)(*args)
+
+    def for_shapes(self, state, *, dtype, slots: int, windows: int, prompt: int, max_len: int, steps: int) -> dict:
+        """Kind -> the compiled program serving requests of `windows` windows (a window group) and prompt bucket
+        `prompt` on `slots` slots of `max_len` positions for a model computing in `dtype`, from abstract arguments
+        (`state` may hold `jax.ShapeDtypeStruct`s): what `plan` measures."""
+        config = self.config
+        spec = jax.ShapeDtypeStruct
+        one = lambda shape, dtype: spec(shape, dtype)  # noqa: E731
+        encode_args = (state, one((1, windows, config.audio.window_samples), jnp.float32),
+                       one((1, windows), jnp.float32))
+        media_kv, media_mask = jax.eval_shape(functools.partial(_encode, graphdef=self.graphdef), *encode_args)
+        keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), 1))
+        sampling = (one((1,), jnp.float32), one((1,), jnp.int32), one((1,), jnp.float32), keys,
+                    one((1,), jnp.int32), one((1, 1 + MAX_STOP_IDS), jnp.int32))
+        prefill_args = (state, media_kv, media_mask, one((1, prompt), jnp.int32), one((1,), jnp.int32), sampling)
+        group_statics = dict(slots=slots, windows=windows, max_len=max_len,
+                             tokens_per_window=config.htsat.tokens_per_window,
+                             media_dim=config.audio_transformer.d_model, dtype=dtype)
+        group = jax.eval_shape(functools.partial(_empty_group, graphdef=self.graphdef, **group_statics), state)
+        row = jax.eval_shape(functools.partial(_prefill, graphdef=self.graphdef, max_len=max_len), *prefill_args)
+        return {"encode": self.compiled("encode", encode_args),
+                "group": self.compiled("group", (state,), **group_statics),
+                "prefill": self.compiled("prefill", prefill_args, max_len=max_len),
+                "insert": self.compiled("insert", (state, group, row, one((), jnp.int32))),
+                "decode": self.compiled("decode", (state, group), steps=steps)}
+
+
+
+class _Slots:
+    """One window group: its device state and which request holds each row."""
+
+    def __init__(self, windows: int, state: Group):
+        self.windows, self.state = windows, state
+        self.rows: list[Handle | None] = [None] * state.last.shape[0]
+
+
+def _to_host(x) -> np.ndarray:
+    """A device array on the host; on a mesh spanning processes every process gets the whole array."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x)
+
+
+class Engine:
+    """Serves requests on one model with continuous batching (module docstring).
+
+    `slots`: requests decoding at once; `max_len`: each slot's text cache (prompt + new tokens); `max_pending`:
+    requests that may wait for a slot before `submit` raises `EngineFull`; `mesh`: the mesh the model was loaded on
+    (`slots` must split over its data x fsdp axes); `window_groups`: the window capacities of the slot groups
+    (default: the window buckets); `steps_per_call`: decoding steps per compiled call.
+
+    Nothing runs in the background: `Handle.result()` and `run` drive the engine from the calling thread (one thread
+    at a time; the others wait for their results), so a process that submits the same requests in the same order
+    makes the same decisions, which is what a mesh spanning processes needs."""
+
+    def __init__(self, model, tokenizer=None, *, slots: int = 8, max_len: int = 768, max_pending: int = 64,
+                 mesh=None, window_groups: Sequence[int] = WINDOW_BUCKETS, steps_per_call: int = 8):
+        if slots < 1 or max_len < 2 or max_pending < 1 or steps_per_call < 1:
+            raise ValueError(f"slots {slots}, max_len {max_len}, max_pending {max_pending}, steps_per_call "
+                             f"{steps_per_call}: need slots >= 1, max_len >= 2, max_pending >= 1, steps >= 1")
+        if mesh is not None:
+            check_batch_splits(mesh, slots, "slots", fix="use a multiple of {data} slots")
+        self.model, self.tokenizer, self.config = model, tokenizer, model.config
+        self.slots, self.max_len, self.max_pending, self.mesh = slots, max_len, max_pending, mesh
+        self.window_groups = tuple(sorted(set(int(w) for w in window_groups)))
+        self.steps_per_call = steps_per_call
+        self.graphdef, self.state = nnx.split(model)
+        self.programs = EnginePrograms(self.graphdef, self.config, mesh=mesh, announce=self._announce)
+        # Seconds spent (compiling apart) and tokens made, over the engine's life: callers take differences.
+        self.timings = {"compile_s": 0.0, "encode_s": 0.0, "prefill_s": 0.0, "decode_s": 0.0, "tokens": 0}
+        self._groups: dict[int, _Slots] = {}
+        self._pending: collections.deque[Handle] = collections.deque()
+        self._active = 0
+        self._submitted = 0
+        self._announced, self._admitted, self._shapes = False, 0, (0, 0, 0)  # for the compile line of a step
+        self._lock = threading.Lock()  # the queue and the handles' flags
+        self._driving = threading.Lock()  # one thread steps the engine at a time
+
+    # --- the public side ----------------------------------------------------------------------------------------
+    def submit(self, request: Request, on_token: Callable[[list[int]], None] | None = None,
+               on_done: Callable[[Completion], None] | None = None) -> Handle:
+        """Queues a request (its prompt is tokenised and its audio read here, in the caller's thread) and returns its
+        handle. `on_token(tokens)` receives its new tokens as they are decoded and `on_done(completion)` its end,
+        from the thread driving the engine. Raises ValueError for a request that cannot be served and EngineFull
+        when `max_pending` requests wait already."""
+        if isinstance(request.prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs the engine's tokenizer: Engine(model, tokenizer)")
+            prompt_ids = self.tokenizer.prompt_ids(request.prompt)
+        else:
+            prompt_ids = [int(i) for i in request.prompt]
+        if not prompt_ids:
+            raise ValueError("the prompt has no tokens")
+        need = len(prompt_ids) + request.sampling.max_new_tokens
+        if need > self.max_len:
+            raise ValueError(f"the prompt ({len(prompt_ids)} tokens) and max_new_tokens "
+                             f"({request.sampling.max_new_tokens}) need {need} cache positions, over the engine's "
+                             f"max_len {self.max_len}; ask for fewer new tokens or use a larger max_len")
+        windows, window_mask = self._audio(request.audio)
+        if windows.shape[0] > self.window_groups[-1]:
+            raise ValueError(f"{windows.shape[0]} windows, over the engine's largest window group "
+                             f"{self.window_groups[-1]}")
+        with self._lock:
+            if len(self._pending) >= self.max_pending:
+                raise EngineFull(f"{len(self._pending)} requests are already waiting (max_pending "
+                                 f"{self.max_pending}); retry later")
+            self._submitted += 1
+            handle = Handle(self, request, prompt_ids, windows, window_mask, on_token, on_done, self._submitted)
+            self._pending.append(handle)
+        return handle
+
+    def cancel(self, handle: Handle) -> None:
+        """Ends a request at the next step; its slot is free then and its result says "cancelled"."""
+        with self._lock:
+            handle.cancelled = True
+
+    def run(self, requests: Sequence[Request], on_token: Callable[[int, list[int]], None] | None = None,
+            on_done: Callable[[int, Completion], None] | None = None) -> list[Completion]:
+        """Serves `requests` and returns their completions in order. They are submitted as the queue has room;
+        `on_token(i, tokens)` streams request i and `on_done(i, completion)` is called as it finishes."""
+        handles: list[Handle] = []
+        for i, request in enumerate(requests):
+            while len(self._pending) >= self.max_pending:
+                self._drive(None)
+            handles.append(self.submit(request, None if on_token is None else functools.partial(on_token, i),
+                                       None if on_done is None else functools.partial(on_done, i)))
+        return [handle.result() for handle in handles]
+
+    @property
+    def idle(self) -> bool:
+        return not self._pending and self._active == 0
+
+    # --- the driving side ---------------------------------------------------------------------------------------
+    def _drive(self, finished: threading.Event | None) -> None:
+        """One step from this thread, unless another thread is stepping (then wait a moment for it)."""
+        if self._driving.acquire(timeout=0.05):
+            try:
+                if finished is None or not finished.is_set():
+                    self.step()
+            finally:
+                self._driving.release()
+
+    def step(self) -> bool:
+        """Ends cancelled requests, admits waiting ones into free slots (encode, prefill, insert), then runs one
+        decoding call for every group with running rows. Returns whether there was anything to do."""
+        for group in list(self._groups.values()):
+            for row, handle in enumerate(group.rows):
+                if handle is not None and handle.cancelled:
+                    group.state = group.state._replace(running=group.state.running.at[row].set(False))
+                    self._free(group, row)
+                    self._finish(handle, "cancelled")
+        with self._lock:
+            for handle in [h for h in self._pending if h.cancelled]:
+                self._pending.remove(handle)
+                self._finish(handle, "cancelled")
+            admitted = [self._pending.popleft() for _ in range(min(self.slots - self._active, len(self._pending)))]
+            self._active += len(admitted)
+        self._announced = False
+        self._admitted = len(admitted)
+        for handle in admitted:
+            self._start(handle)
+        decoded = False
+        for group in list(self._groups.values()):
+            if any(h is not None for h in group.rows):
+                self._decode(group)
+                decoded = True
+        self.timings["compile_s"] = self.programs.compile_s
+        return bool(admitted) or decoded
+
+    def _start(self, handle: Handle) -> None:
+        sampling = handle.request.sampling
+        windows = next(w for w in self.window_groups if w >= handle.windows.shape[0])
+        audio = np.zeros((1, windows, handle.windows.shape[1]), np.float32)
+        audio_mask = np.zeros((1, windows), np.float32)
+        audio[0, :handle.windows.shape[0]] = handle.windows
+        audio_mask[0, :handle.windows.shape[0]] = handle.window_mask
+        length = len(handle.prompt_ids)
+        prompt = min(bucket_prompt(length), self.max_len)
+        self._shapes = windows, prompt, sampling.max_new_tokens
+        media_kv, media_mask = self._timed("encode_s", "encode", (self.state, audio, audio_mask))
+        ids = np.full((1, prompt), self.config.tokens.pad, np.int32)
+        ids[0, :length] = handle.prompt_ids
+        stops = self._stops(sampling)
+        stop = np.full((1, 1 + MAX_STOP_IDS), -1, np.int32)
+        stop[0, :len(stops)] = stops
+        greedy = sampling.greedy
+        row_sampling = (np.asarray([0.0 if greedy else sampling.temperature], np.float32),
+                        np.asarray([sampling.top_k or 0], np.int32), np.asarray([sampling.top_p or 1.0], np.float32),
+                        jax.random.key(sampling.seed)[None],
+                        np.asarray([sampling.max_new_tokens], np.int32), stop)
+        row = self._timed("prefill_s", "prefill", (self.state, media_kv, media_mask, ids,
+                                                    np.asarray([length], np.int32), row_sampling), max_len=self.max_len)
+        self._emit(handle, [int(_to_host(row.last)[0])])
+        if not bool(_to_host(row.running)[0]):
+            with self._lock:
+                self._active -= 1
+            self._finish(handle, self._reason(handle))
+            return
+        group = self._group(windows)
+        slot = group.rows.index(None)
+        group.state = self._timed("prefill_s", "insert", (self.state, group.state, row, np.int32(slot)))
+        group.rows[slot] = handle
+
+    def _timed(self, phase: str, kind: str, args, **statics):
+        """Runs a program to completion, adding its seconds (its compilation apart) to `timings[phase]`."""
+        start, compiled = time.perf_counter(), self.programs.compile_s
+        out = jax.block_until_ready(self.programs.run(kind, args, **statics))
+        self.timings[phase] += time.perf_counter() - start - (self.programs.compile_s - compiled)
+        return out
+
+    def _group(self, windows: int) -> _Slots:
+        group = self._groups.get(windows)
+        if group is None:
+            statics = dict(slots=self.slots, windows=windows, max_len=self.max_len,
+                           tokens_per_window=self.config.htsat.tokens_per_window,
+                           media_dim=self.config.audio_transformer.d_model, dtype=self.model.dtype)
+            group = self._groups[windows] = _Slots(windows, self.programs.run("group", (self.state,), **statics))
+        return group
+
+    def _decode(self, group: _Slots) -> None:
+        group.state, out = self._timed("decode_s", "decode", (self.state, group.state), steps=self.steps_per_call)
+        out, running = _to_host(out), _to_host(group.state.running)
+        for row, handle in enumerate(group.rows):
+            if handle is None:
+                continue
+            self._emit(handle, [int(t) for t in out[row] if t >= 0])
+            if not running[row]:
+                self._free(group, row)
+                self._finish(handle, self._reason(handle))
+
+    def _free(self, group: _Slots, row: int) -> None:
+        group.rows[row] = None
+        with self._lock:
+            self._active -= 1
+        if not any(h is not None for h in group.rows):
+            del self._groups[group.windows]  # its memory goes back until a request needs this group again
+
+    def _emit(self, handle: Handle, tokens: list[int]) -> None:
+        if not tokens:
+            return
+        handle.tokens.extend(tokens)
+        self.timings["tokens"] += len(tokens)
+        if handle.on_token is not None:
+            handle.on_token(tokens)
+
+    def _stops(self, sampling: Sampling) -> tuple[int, ...]:
+        return (*(() if sampling.ignore_eos else (self.config.tokens.eos,)), *sampling.stop_ids)
+
+    def _reason(self, handle: Handle) -> str:
+        stops = self._stops(handle.request.sampling)
+        return "stop" if handle.tokens and handle.tokens[-1] in stops else "length"
+
+    def _finish(self, handle: Handle, reason: str) -> None:
+        text = None
+        if isinstance(handle.request.prompt, str) and self.tokenizer is not None:
+            text = self.tokenizer.answer(handle.prompt_ids, handle.tokens)
+        handle.completion = Completion(list(handle.tokens), reason, handle.prompt_ids, text)
+        handle._finished.set()
+        if handle.on_done is not None:
+            handle.on_done(handle.completion)
+
+    def _announce(self, kind: str) -> None:
+        """One line before the first compilation of a step, naming the shapes of the request that needs it (compiling
+        takes long enough to look like a hang: minutes for the release on a GPU)."""
+        if not self._announced:
+            windows, prompt, new = self._shapes
+            log.info("compiling for %d row(s) x %d window(s), prompt %d + %d new tokens (%s)", self._admitted, windows,
+                     prompt, new, compile_note())
+            self._announced = True
+
+    def _audio(self, audio) -> tuple[np.ndarray, np.ndarray]:
+        if isinstance(audio, tuple):
+            windows, mask = (np.asarray(a, np.float32) for a in audio)
+        else:
+            windows, mask = load_windows(audio, max_windows=self.config.audio.max_windows, config=self.config.audio)
+        if windows.ndim != 2 or mask.shape != windows.shape[:1] or windows.shape[0] < 1:
+            raise ValueError(f"audio windows {windows.shape} and mask {mask.shape}: need (W, samples) and (W,), W >= 1")
+        return windows, mask
+
+
+def compile_note() -> str:
+    """Where compiled programs are kept between processes, for the compile line."""
+    folder = jax.config.jax_compilation_cache_dir
+    if folder:
+        return f"first run only; cached in {folder}"
+    return "once per process: JAX's compilation cache is off"

@@ -1,0 +1,170 @@
+"""The serving engine: continuous batching that gives every request the tokens it gets alone, streaming to the right
+caller, cancellation, the queue and cache limits, and a bounded set of compiled programs."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import jax
+import numpy as np
+import pytest
+
+from af2_jax.engine import Engine, EngineFull, EnginePrograms, Request, Sampling, bucket_prompt, bucket_windows
+from af2_jax.generate import engine_for
+
+
+
+def _requests(golden, count: int = 11):
+    """Mixed prompt lengths (1..12 ordinary tokens between the template's), window counts (1..2) and answer
+    lengths."""
+    rng = np.random.default_rng(0)
+    lo, hi = golden.raw_config["tokenizer"]["regular_token_ids"]
+    t = golden.config.tokens
+    audio = golden.inputs["audio_x"]
+    out = []
+    for n in range(count):
+        prompt = [t.media, *rng.integers(lo, hi, int(rng.integers(1, 13))).tolist(), t.sep]
+        windows = 1 + n % 2
+        clip = audio[n % audio.shape[0], :1][np.zeros(windows, int)] * (1 + 0.1 * n)
+        out.append(Request(prompt, (clip, np.ones(windows, np.float32)),
+                           Sampling(max_new_tokens=int(rng.integers(3, 9)))))
+    return out
+
+
+@pytest.fixture(scope="module")
+def engine_model(golden, fixture_model):
+    return fixture_model(golden, scan_layers=False)
+
+
+@pytest.fixture(scope="module")
+def engine(engine_model):
+    """The engine `generate` uses for this model (8 slots, 768 positions), so its programs compile once for these
+    tests and the generation tests (a request's programs depend on its own shapes only)."""
+    return engine_for(engine_model)
+
+
+def test_staggered_arrivals_get_their_solo_tokens(golden, engine):
+    requests = _requests(golden)
+    solo = [engine.run([r])[0].tokens for r in requests]
+    handles = [engine.submit(r) for r in requests[:2]]  # arrival 1
+    engine.step()
+    engine.step()
+    handles += [engine.submit(r) for r in requests[2:7]]  # arrival 2: the first two are mid-decode
+    engine.step()
+    handles += [engine.submit(r) for r in requests[7:]]  # arrival 3: more requests than slots, some wait
+    assert engine.slots < len(requests)
+    assert [h.result().tokens for h in handles] == solo
+    assert all(len(t) == r.sampling.max_new_tokens or t[-1] == golden.config.tokens.eos
+               for t, r in zip(solo, requests))
+
+
+def test_a_seeded_sampled_request_ignores_its_batch_mates(golden, engine):
+    requests = _requests(golden)
+    sampled = Request(requests[0].prompt, requests[0].audio,
+                      Sampling(max_new_tokens=8, temperature=1.0, top_k=50, top_p=0.95, seed=11))
+    alone = engine.run([sampled])[0].tokens
+    busy = engine.run([requests[1], requests[2], sampled, requests[3]])[2].tokens
+    late = [engine.submit(r) for r in requests[4:7]]
+    engine.step()
+    assert engine.run([sampled])[0].tokens == alone == busy
+    [h.result() for h in late]
+    other_seed = Request(sampled.prompt, sampled.audio, Sampling(max_new_tokens=8, temperature=1.0, seed=12))
+    assert engine.run([other_seed])[0].tokens != alone
+
+
+def test_two_threads_stream_only_their_own_tokens(golden, engine):
+    requests = _requests(golden)[:4]
+    expected = [engine.run([r])[0].tokens for r in requests]
+    streamed = {n: [] for n in range(len(requests))}
+
+    def ask(n):
+        handle = engine.submit(requests[n], on_token=streamed[n].extend)
+        assert handle.result().tokens == expected[n]
+
+    threads = [threading.Thread(target=ask, args=(n,)) for n in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert [streamed[n] for n in range(len(requests))] == expected
+
+
+def test_cancel_frees_the_slot_and_limits_are_one_line(golden, engine):
+    requests = _requests(golden)
+    long = [Request(r.prompt, r.audio, Sampling(max_new_tokens=30)) for r in requests[:engine.slots]]
+    first = [engine.submit(r) for r in long]
+    engine.step()  # every slot decodes a long answer
+    waiting = [engine.submit(requests[n % len(requests)]) for n in range(engine.max_pending)]
+    with pytest.raises(EngineFull, match=f"{engine.max_pending} requests are already waiting"):
+        engine.submit(requests[0])
+    engine.cancel(first[0])
+    for handle in waiting[1:]:
+        engine.cancel(handle)
+    engine.step()
+    assert first[0].done() and first[0].result().finish_reason == "cancelled"
+    assert len(first[0].result().tokens) < 30
+    assert waiting[0].tokens  # it took the freed slot at once
+    assert waiting[0].result().tokens == engine.run([requests[0]])[0].tokens
+    assert all(h.result().finish_reason == "cancelled" and not h.tokens for h in waiting[1:])
+    [h.result() for h in first[1:]]
+    most = engine.max_len - len(requests[0].prompt)
+    too_long = Request(requests[0].prompt, requests[0].audio, Sampling(max_new_tokens=most + 1))
+    with pytest.raises(ValueError, match=rf"prompt \({len(requests[0].prompt)} tokens\) and max_new_tokens "
+                                         rf"\({most + 1}\) need {engine.max_len + 1} cache positions, over the "
+                                         rf"engine's max_len {engine.max_len}"):
+        engine.submit(too_long)
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1"):
+        Sampling(max_new_tokens=0)
+
+
+def test_the_programs_stay_within_the_bound(engine):
+    """Every request of this model's engine (here and in test_generate.py: windows 1..2, prompts of up to 32
+    tokens) runs on at most the stated bound of programs."""
+    assert 0 < engine.programs.count <= EnginePrograms.bound(len({bucket_windows(w) for w in (1, 2)}),
+                                                             len({bucket_prompt(n) for n in range(1, 33)}))
+
+
+def test_slots_must_split_over_the_data_axes(engine_model):
+    mesh = jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"))
+    assert Engine(engine_model, slots=3, mesh=mesh).slots == 3  # one device: anything splits
+    fake = type("Mesh", (), {"shape": {"data": 2, "fsdp": 1, "tensor": 1}})()
+    with pytest.raises(ValueError, match="slots 3 does not split over data x fsdp = 2 devices; use a multiple of 2"):
+        Engine(engine_model, slots=3, mesh=fake)
+
+
+@pytest.mark.slow
+def test_a_manifest_compiles_at_most_the_stated_bound(small_checkpoint, tokenizer, tmp_path):
+    """Windows 1..8 and prompts up to 64 tokens: at most `EnginePrograms.bound(groups, prompt buckets)` programs,
+    read from the engine's program handle; a 12-item run killed and rerun ends complete, in input order."""
+    from af2_jax.checkpoint.native import load
+    from af2_jax.generate import engine_for
+    from af2_jax.manifest import ManifestJob
+
+    import soundfile
+
+    model = load(small_checkpoint, dtype="float32", scan_layers=False)
+    rng = np.random.default_rng(3)
+    items = []
+    for n in range(12):
+        windows = 1 + n % 8
+        clip = tmp_path / f"clip{n}.wav"
+        seconds = 10 * windows - 5
+        soundfile.write(clip, 0.1 * np.sin(np.arange(16000 * seconds) * (0.01 + 0.001 * n)), 16000)
+        items.append({"id": f"i{n}", "audio": str(clip), "prompt": " ".join(["what"] * int(rng.integers(1, 60)))})
+    manifest = tmp_path / "in.jsonl"
+    manifest.write_text("".join(json.dumps(it) + "\n" for it in items))
+    output = tmp_path / "out.jsonl"
+    engine = engine_for(model, tokenizer, slots=4, max_len=tokenizer.max_prompt_tokens + 4)
+    before = engine.programs.count
+    with ManifestJob(manifest, output) as job:
+        job.pending = job.pending[:5]  # what a kill after five items leaves
+        job.run(engine, Sampling(max_new_tokens=4), max_windows=8)
+    assert output.read_text().count("\n") == 5
+    with ManifestJob(manifest, output) as job:
+        assert len(job.pending) == 7
+        assert job.run(engine, Sampling(max_new_tokens=4), max_windows=8) == 0
+    assert [json.loads(line)["id"] for line in output.read_text().splitlines()] == [it["id"] for it in items]
+    windows = {bucket_windows(w) for w in range(1, 9)}
+    prompts = {bucket_prompt(n) for n in range(1, 65)}
+    assert engine.programs.count - before <= EnginePrograms.bound(len(windows), len(prompts))
