@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -185,7 +186,7 @@ class AF2Config:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "AF2Config":
-        return _build(cls, data)
+        return build_dataclass(cls, data, _JSON_RULES)
 
     @classmethod
     def from_json(cls, text: str) -> "AF2Config":
@@ -286,26 +287,56 @@ class AF2Config:
         return cls.from_dict(data)
 
 
-def _build(cls, data: Mapping[str, Any], where: str = ""):
-    """Rebuilds a (nested) frozen dataclass from plain JSON data; lists become tuples; unknown keys and values whose
-    JSON type does not fit the field (judged by its default) are errors: a string where a size belongs would
-    otherwise fail deep inside model construction."""
+@dataclasses.dataclass(frozen=True)
+class PlainDataRules:
+    """How `build_dataclass` reads one kind of plain data (JSON config, YAML training config, model overrides): its
+    exception type and messages, and its check of a leaf value."""
+
+    error: type[Exception]
+    # (section class, the section's dotted key or "" at the top, the data) -> message: a section is not a mapping
+    not_a_mapping: Callable[[type, str, Any], str]
+    # (section class, the section's dotted key, its unknown keys in the data's order) -> message
+    unknown_keys: Callable[[type, str, list[str]], str]
+    # (dotted key, field, value, the value it replaces) -> the value to store; raises `error` when it does not fit.
+    # The replaced value is the field's default, or the base's value when overriding.
+    leaf: Callable[[str, dataclasses.Field, Any, Any], Any] = lambda key, field, value, current: value
+    # A blank section (`model:` with nothing under it reads as None in YAML) keeps its defaults.
+    blank_section_is_default: bool = False
+
+
+def build_dataclass(cls, data: Mapping[str, Any], rules: PlainDataRules, *, base=None, where: str = ""):
+    """A frozen dataclass `cls` from plain nested data, the one place this is done: each key names a field; a field
+    holding a dataclass takes a nested mapping, built alike; every other value passes `rules.leaf`, and lists become
+    tuples (a frozen dataclass holds immutable values). Fields the data leaves out keep `base`'s values when given
+    (an override, through `dataclasses.replace`), else their defaults. Data that is not a mapping and unknown keys
+    raise `rules.error`. `where`: the dotted key of `data`, for messages."""
     if not isinstance(data, Mapping):
-        raise ValueError(f"{where or cls.__name__} is {data!r:.60}, expected an object")
+        raise rules.error(rules.not_a_mapping(cls, where, data))
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(data) - set(fields)
+    unknown = [name for name in data if name not in fields]
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
-    kwargs = {}
+        raise rules.error(rules.unknown_keys(cls, where, unknown))
+    values = {}
     for name, value in data.items():
-        default, key = fields[name].default, f"{where}.{name}" if where else name
-        if dataclasses.is_dataclass(default):
-            kwargs[name] = _build(type(default), value, key)
-            continue
-        if not _fits(value, default):
-            raise ValueError(f"{key} is {value!r:.60}, expected {_json_kind(default)}")
-        kwargs[name] = tuple(value) if isinstance(value, list) else value
-    return cls(**kwargs)
+        key = f"{where}.{name}" if where else name
+        current = fields[name].default if base is None else getattr(base, name)
+        if dataclasses.is_dataclass(current):
+            if rules.blank_section_is_default and not value:
+                value = {}
+            values[name] = build_dataclass(type(current), value, rules, base=None if base is None else current,
+                                           where=key)
+        else:
+            value = rules.leaf(key, fields[name], value, current)
+            values[name] = tuple(value) if isinstance(value, list) else value
+    return cls(**values) if base is None else dataclasses.replace(base, **values)
+
+
+def _json_leaf(key: str, field: dataclasses.Field, value, default):
+    """A JSON value must have the JSON type of the field's default: a string where a size belongs would otherwise
+    fail deep inside model construction."""
+    if not _fits(value, default):
+        raise ValueError(f"{key} is {value!r:.60}, expected {_json_kind(default)}")
+    return value
 
 
 def _fits(value, default) -> bool:
@@ -327,6 +358,14 @@ def _json_kind(default) -> str:
     if isinstance(default, tuple):
         return f"a list of {_JSON_KINDS[type(default[0])][1]}"
     return _JSON_KINDS[type(default)][0]
+
+
+# `AF2Config.from_dict`: the JSON written by `to_dict`; every unknown field of a section is named at once.
+_JSON_RULES = PlainDataRules(
+    error=ValueError,
+    not_a_mapping=lambda cls, where, data: f"{where or cls.__name__} is {data!r:.60}, expected an object",
+    unknown_keys=lambda cls, where, unknown: f"unknown {cls.__name__} fields: {sorted(unknown)}",
+    leaf=_json_leaf)
 
 
 def _lm(hidden, intermediate, layers, heads, kv_heads, positions=32768) -> LMConfig:

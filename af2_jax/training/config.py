@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from af2_jax.config import MAX_WINDOWS_LIMIT, PRESETS
+from af2_jax.config import MAX_WINDOWS_LIMIT, PRESETS, AF2Config, PlainDataRules, build_dataclass
 
 
 class ConfigError(ValueError):
@@ -247,24 +247,13 @@ def describe(config: TrainConfig = TrainConfig()) -> str:
     return "\n".join(lines)
 
 
-def _build(cls, data: Mapping[str, Any], where: str):
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{where or 'the config'} must be a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for name, value in data.items():
-        key = f"{where}.{name}" if where else name
-        if name not in fields:
-            raise ConfigError(f"unknown config key {key!r}; valid keys here: {', '.join(fields)}")
-        default = fields[name].default
-        if dataclasses.is_dataclass(default):
-            kwargs[name] = _build(type(default), value or {}, key)
-        else:
-            kwargs[name] = _coerce(key, fields[name], value)
-    return cls(**kwargs)
+def _unknown_key(cls, where: str, unknown: list[str]) -> str:
+    key = f"{where}.{unknown[0]}" if where else unknown[0]
+    return f"unknown config key {key!r}; valid keys here: {', '.join(f.name for f in dataclasses.fields(cls))}"
 
 
 def _coerce(key: str, field: dataclasses.Field, value):
+    """A YAML value as its field's annotation wants it: an int where a float belongs becomes one (`lr: 1`)."""
     kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")
     if kind.startswith("Mapping"):
         if not isinstance(value, Mapping):
@@ -276,6 +265,32 @@ def _coerce(key: str, field: dataclasses.Field, value):
     if expected is not None and not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
         raise ConfigError(f"{key} must be {kind}, got {value!r}")
     return value
+
+
+# The YAML config and its `section.key=value` overrides: a typo names the key and the valid ones.
+_YAML_RULES = PlainDataRules(
+    error=ConfigError,
+    not_a_mapping=lambda cls, where, data: f"{where or 'the config'} must be a mapping, got {type(data).__name__}",
+    unknown_keys=_unknown_key,
+    leaf=lambda key, field, value, default: _coerce(key, field, value),
+    blank_section_is_default=True)
+
+
+def _build(cls, data: Mapping[str, Any], where: str):
+    """`cls` (`TrainConfig` or one of its sections, at dotted key `where`) from plain data, as a YAML config reads."""
+    return build_dataclass(cls, data, _YAML_RULES, where=where)
+
+
+# `model.overrides`: values are taken as written (the model's own checks run when it is built).
+_OVERRIDE_RULES = PlainDataRules(
+    error=ConfigError,
+    not_a_mapping=lambda cls, where, data: f"{where}: {cls.__name__} takes a mapping of its fields, got {data!r:.60}",
+    unknown_keys=lambda cls, where, unknown: f"model.overrides: {cls.__name__} has no field {unknown[0]!r}")
+
+
+def apply_overrides(config: AF2Config, overrides: Mapping[str, Any]) -> AF2Config:
+    """`config` (a preset) with `model.overrides` applied: nested field changes, e.g. {lm: {num_layers: 2}}."""
+    return build_dataclass(AF2Config, overrides, _OVERRIDE_RULES, base=config, where="model.overrides")
 
 
 def _set_dotted(tree: dict, dotted: str, value) -> None:

@@ -1,6 +1,10 @@
 """The training loop: build or load the model, place it on the mesh, stream batches, step, checkpoint, resume,
 validate, log, and write the final model as an af2-jax checkpoint.
 
+`run` goes in four steps: `set_up` builds a `TrainingSetup` (mesh, data, the split model and its state, the jitted
+steps, checkpoints, metrics), `train_steps` runs the optimizer steps, `evaluate` scores the validation sets and
+`finish` writes the final model and metrics.
+
 Checkpoints (`out_dir/checkpoints/<step>/`, Orbax CheckpointManager, async) hold the trainable parameters, the
 optimizer state, the step and the data iterator's state; the dropout key is derived from the seed and the step, so
 resuming reproduces the uninterrupted run exactly. SIGTERM (preemption) saves at the next step boundary and exits;
@@ -16,18 +20,29 @@ import json
 import logging
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
-from af2_jax.config import preset
+from af2_jax.audio.io import AudioError
+from af2_jax.checkpoint.native import load as load_checkpoint, save as save_checkpoint
+from af2_jax.config import AF2Config, preset
+from af2_jax.distributed import is_main_process
+from af2_jax.engine import Sampling
+from af2_jax.nn.af2 import AF2Model
+from af2_jax.pipeline import answer_items, prepare
 from af2_jax.sharding import (activation_sharding, batch_sharding, check_batch_splits, format_mesh,
                               make_mesh, shard_model)
-from af2_jax.training.config import ConfigError, TrainConfig, profile_range
-from af2_jax.training.data import (LoadExample, TrainBatches, blend, check_audio, eval_batches,
+from af2_jax.tokenizer import AF2Tokenizer, load_tokenizer
+from af2_jax.training.config import ConfigError, TrainConfig, apply_overrides, profile_range
+from af2_jax.training.data import (Item, LoadExample, TrainBatches, blend, check_audio, eval_batches,
                                    validation_sets)
 from af2_jax.training.metrics import SAMPLE_ANSWERS, MetricsWriter, Progress
 from af2_jax.training.step import (TrainState, make_eval_step, make_train_step, optimizer, schedule, split_model)
@@ -39,26 +54,12 @@ PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v
               "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12}
 
 
-def _override(config, overrides: dict):
-    changes = {}
-    for name, value in overrides.items():
-        current = getattr(config, name, None)
-        if current is None and not hasattr(config, name):
-            raise ConfigError(f"model.overrides: {type(config).__name__} has no field {name!r}")
-        changes[name] = (_override(current, value) if dataclasses.is_dataclass(current)
-                         else tuple(value) if isinstance(value, list) else value)
-    return dataclasses.replace(config, **changes)
-
-
 def build_model(config: TrainConfig, mesh):
     """The model with float32 master weights and the configured compute dtype, placed on the mesh."""
-    import af2_jax
-    from af2_jax.nn.af2 import AF2Model
-
     m = config.model
     compute = jnp.dtype(m.compute_dtype)
     if m.init == "random":
-        model_config = _override(preset(m.preset), m.overrides)
+        model_config = apply_overrides(preset(m.preset), m.overrides)
         model = AF2Model(model_config, dtype=compute, param_dtype=jnp.float32, rngs=nnx.Rngs(config.run.seed))
         return shard_model(model, mesh)
     if m.overrides:
@@ -66,12 +67,11 @@ def build_model(config: TrainConfig, mesh):
     if not Path(m.init).is_dir():
         raise ConfigError(f"model.init {m.init!r} is neither 'random' nor a checkpoint folder; convert the release "
                           "with `python -m af2_jax.convert` and pass the folder")
-    return af2_jax.load(m.init, dtype=compute, mesh=mesh, param_dtype=jnp.float32)
+    return load_checkpoint(m.init, dtype=compute, mesh=mesh, param_dtype=jnp.float32)
 
 
 def load_training_tokenizer(config: TrainConfig):
-    from af2_jax.tokenizer import load_tokenizer
-
+    """`model.tokenizer` when set, else the checkpoint's own tokenizer, else Qwen2.5's rebuilt offline."""
     if config.model.tokenizer:
         return load_tokenizer(config.model.tokenizer)
     if config.model.init != "random" and (Path(config.model.init) / "tokenizer").is_dir():
@@ -80,6 +80,7 @@ def load_training_tokenizer(config: TrainConfig):
 
 
 def training_mesh(config: TrainConfig):
+    """The mesh of `run.mesh` (every device on fsdp when empty), checked to split `optim.batch_size`."""
     spec = config.run.mesh or f"fsdp={jax.device_count()}"
     mesh = make_mesh(spec)
     check_batch_splits(mesh, config.optim.batch_size, "optim.batch_size", "use a multiple of {data} or change run.mesh")
@@ -139,12 +140,49 @@ def _abstract(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
-def run(config: TrainConfig) -> dict:
-    """Trains as configured; returns the final metrics."""
-    import orbax.checkpoint as ocp
+@dataclasses.dataclass
+class TrainingSetup:
+    """Everything a run works with, built by `set_up`. `state` is the live train state: the initial or restored
+    one, carried on by `train_steps` (each step donates the one before). `close` releases what `set_up` opened."""
 
-    from af2_jax.distributed import is_main_process
+    config: TrainConfig
+    out_dir: Path
+    main: bool  # this process writes the run's files (process 0)
+    mesh: Mesh
+    tokenizer: AF2Tokenizer
+    load: LoadExample
+    batches: TrainBatches
+    valid: dict[str, list[Item]]
+    model_config: AF2Config
+    graphdef: nnx.GraphDef
+    frozen: nnx.State  # what is not trained, passed to every step as it is
+    state: TrainState
+    step_fn: Callable  # jitted; `train_steps` compiles it for the first batch
+    eval_fn: Callable
+    manager: ocp.CheckpointManager
+    writer: MetricsWriter
+    progress: Progress
+    preemption: _Preemption
 
+    def model(self) -> AF2Model:
+        """The model with the current parameters."""
+        return nnx.merge(self.graphdef, self.state.params, self.frozen)
+
+    def close(self) -> None:
+        """Ends the console progress, gives SIGTERM its previous handler, stops the data readers, closes the metrics
+        files and the checkpoint manager (waiting for a save in flight)."""
+        self.progress.close()
+        self.preemption.restore()
+        self.batches.close()
+        self.writer.close()
+        self.manager.close()
+
+
+def set_up(config: TrainConfig) -> TrainingSetup:
+    """Everything before the first step: the mesh, the data (checked readable), the tokenizer, the model split into
+    trained and frozen parts with its optimizer state, the jitted steps, the checkpoint manager with the newest
+    checkpoint restored (state and data position), `out_dir/config.json`, the metrics writer, the console progress
+    and the SIGTERM handler."""
     out_dir = Path(config.run.out_dir).absolute()
     main = is_main_process()
     mesh = training_mesh(config)
@@ -161,7 +199,7 @@ def run(config: TrainConfig) -> dict:
     tx = optimizer(optim, total)
     state = jax.jit(lambda p: TrainState(p, tx.init(p), jnp.int32(0)))(params)
     model_config = model.config
-    del model, params
+    del model, params  # the state holds a copy of the trained parameters: the originals would take memory twice
     counts = {"trainable": sum(x.size for x in jax.tree.leaves(state.params)),
               "frozen": sum(x.size for x in jax.tree.leaves(frozen))}
     log.info("mesh %s; %d trainable / %d frozen parameters (%s)", format_mesh(dict(mesh.shape)),
@@ -193,119 +231,165 @@ def run(config: TrainConfig) -> dict:
         (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
     writer = MetricsWriter(out_dir, enabled=main, resumed_at=start, wandb_project=config.run.wandb_project)
     preemption = _Preemption()
+    progress = Progress(main, total, int(state.step))
+    return TrainingSetup(config=config, out_dir=out_dir, main=main, mesh=mesh, tokenizer=tokenizer, load=load,
+                         batches=batches, valid=valid, model_config=model_config, graphdef=graphdef, frozen=frozen,
+                         state=state, step_fn=step_fn, eval_fn=eval_fn, manager=manager, writer=writer,
+                         progress=progress, preemption=preemption)
+
+
+class _Window:
+    """The steps since the last logged one: their time and tokens give the step time, the throughput and MFU."""
+
+    def __init__(self):
+        self.start, self.steps, self.tokens = time.perf_counter(), 0, 0
+
+    def add(self, tokens: int) -> None:
+        self.steps += 1
+        self.tokens += tokens
+
+    def metrics(self, step_metrics, skipped_files: int, flops: float | None, peak: float) -> dict:
+        # float() waits for the last step to finish, so the elapsed time, taken after, includes it.
+        loss, grad_norm, lr = (float(x) for x in (step_metrics.loss, step_metrics.grad_norm,
+                                                   step_metrics.learning_rate))
+        elapsed = time.perf_counter() - self.start
+        out = {"loss": loss, "grad_norm": grad_norm, "learning_rate": lr, "step_time": elapsed / self.steps,
+               "tokens_per_s": self.tokens / elapsed, "skipped_files": skipped_files}
+        if flops and peak:
+            out["mfu"] = flops * self.steps / elapsed / (peak * jax.device_count())
+        return out
+
+
+def train_steps(setup: TrainingSetup) -> dict:
+    """The optimizer steps from the restored step (0 in a new run) to `run.steps`: checkpoints as `run.save_every`
+    says and at the end, metrics every `run.log_every` steps, validation every `run.eval_every`, a profile of
+    `run.profile_steps`. A SIGTERM saves the step reached and stops. Returns the step reached and the last logged
+    metrics, with `preempted: True` when stopped early; every checkpoint is written by then."""
+    config, manager, writer = setup.config, setup.manager, setup.writer
+    total = config.run.steps
     peak = config.run.peak_flops or PEAK_FLOPS.get(_device_family(), 0.0)
-    compiled, flops = None, None
     profile = profile_range(config.run.profile_steps)
-    step = int(state.step)
-    progress = Progress(main, total, step)
+    compiled, flops = None, None
+    step = int(setup.state.step)
     last_metrics: dict = {}
+    writer.run_config(step, config)
+    window = _Window()
+    while step < total:
+        if profile and step == profile[0]:
+            jax.profiler.start_trace(str(writer.logdir))  # where TensorBoard finds it, beside the metrics
+        try:
+            with setup.preemption.interruptible():
+                host_batch = next(setup.batches)
+        except Preempted:
+            if step != (manager.latest_step() or 0):  # the last completed step is not saved yet
+                _save(setup, step, force=True)
+            manager.wait_until_finished()
+            log.warning("SIGTERM while waiting for data: stopped at step %d; rerun the same command to resume", step)
+            return {"step": step, "preempted": True, **last_metrics}
+        batch = _global_batch(host_batch, setup.mesh)
+        if compiled is None:
+            with activation_sharding(setup.mesh, setup.model_config):
+                compiled = setup.step_fn.lower(setup.state, setup.frozen, batch).compile()
+            flops = _flops(compiled)
+        setup.state, metrics = compiled(setup.state, setup.frozen, batch)
+        step += 1
+        window.add(int(host_batch["attention_mask"].sum()) * jax.process_count())
+        if profile and step == profile[1]:
+            jax.block_until_ready(setup.state)
+            jax.profiler.stop_trace()
+        _save(setup, step, force=setup.preemption.requested or step == total)
+        if step % config.run.log_every == 0 or step == total:
+            last_metrics = window.metrics(metrics, setup.batches.broken, flops, peak)
+            writer.scalars(step, last_metrics)
+            setup.progress.update(step, last_metrics)
+            window = _Window()
+        if config.run.eval_every and step % config.run.eval_every == 0 and step < total:
+            validate(setup, step)
+        if setup.preemption.requested:
+            manager.wait_until_finished()
+            log.warning("stopped at step %d after SIGTERM; rerun the same command to resume", step)
+            return {"step": step, "preempted": True, **last_metrics}
+    manager.wait_until_finished()
+    return {"step": step, **last_metrics}
+
+
+def validate(setup: TrainingSetup, step: int) -> dict:
+    """The validation loss of every set with the current parameters, written to the metrics and logged."""
+    with activation_sharding(setup.mesh, setup.model_config):
+        values = validation_loss(setup.eval_fn, setup.state, setup.frozen, setup.valid, setup.load,
+                                 setup.config.optim.batch_size, setup.mesh)
+    setup.writer.scalars(step, values)
+    _log_evaluation(step, values)
+    return values
+
+
+def answer_accuracy(setup: TrainingSetup, step: int) -> dict:
+    """Exact match of greedy answers per validation set and sample answers, written to the metrics and logged;
+    nothing in a multi-process run (generation runs in one process)."""
+    if jax.process_count() > 1:
+        log.warning("run.eval_accuracy runs in single-process runs only; evaluate out_dir/final with "
+                    "python -m af2_jax.infer --manifest instead")
+        return {}
+    accuracy, samples = exact_match(setup.model(), setup.tokenizer, setup.valid, setup.config)
+    setup.writer.scalars(step, accuracy)
+    _log_evaluation(step, accuracy)
+    for name, rows in samples.items():
+        setup.writer.answers(step, name, rows)
+    return accuracy
+
+
+def evaluate(setup: TrainingSetup, step: int) -> dict:
+    """The end-of-run evaluation, when there are validation sets: the loss, and with `run.eval_accuracy` exact
+    match and sample answers."""
+    values = {}
+    if setup.valid:
+        values.update(validate(setup, step))
+        if setup.config.run.eval_accuracy:
+            values.update(answer_accuracy(setup, step))
+    return values
+
+
+def finish(setup: TrainingSetup, final: dict) -> None:
+    """The run's results: the trained model in `out_dir/final` (with `run.save_final`) and `final_metrics.json`."""
+    if setup.config.run.save_final:
+        save_final(setup.model(), setup.out_dir / "final", setup.tokenizer, setup.config, final["step"])
+    if setup.main:
+        (setup.out_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
+
+
+def run(config: TrainConfig) -> dict:
+    """Trains as configured; returns the final metrics (with `preempted: True` when a SIGTERM stopped the run)."""
+    setup = set_up(config)
     try:
-        writer.run_config(step, config)
-        window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
-        while step < total:
-            if profile and step == profile[0]:
-                jax.profiler.start_trace(str(writer.logdir))  # where TensorBoard finds it, beside the metrics
-            try:
-                with preemption.interruptible():
-                    host_batch = next(batches)
-            except Preempted:
-                if step != (manager.latest_step() or 0):  # the last completed step is not saved yet
-                    _save(manager, step, state, batches, force=True)
-                manager.wait_until_finished()
-                log.warning("SIGTERM while waiting for data: stopped at step %d; rerun the same command to resume",
-                            step)
-                return {"step": step, "preempted": True, **last_metrics}
-            batch = _global_batch(host_batch, mesh)
-            if compiled is None:
-                with activation_sharding(mesh, model_config):
-                    compiled = step_fn.lower(state, frozen, batch).compile()
-                flops = _flops(compiled)
-            state, metrics = compiled(state, frozen, batch)
-            step += 1
-            window_steps += 1
-            window_tokens += int(host_batch["attention_mask"].sum()) * jax.process_count()
-            if profile and step == profile[1]:
-                jax.block_until_ready(state)
-                jax.profiler.stop_trace()
-            save_now = preemption.requested or step == total
-            _save(manager, step, state, batches, force=save_now)
-            if step % config.run.log_every == 0 or step == total:
-                loss, grad_norm, lr = (float(x) for x in (metrics.loss, metrics.grad_norm, metrics.learning_rate))
-                elapsed = time.perf_counter() - window_start
-                last_metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": lr,
-                                "step_time": elapsed / window_steps, "tokens_per_s": window_tokens / elapsed,
-                                "skipped_files": batches.broken}
-                if flops and peak:
-                    last_metrics["mfu"] = flops * window_steps / elapsed / (peak * jax.device_count())
-                writer.scalars(step, last_metrics)
-                progress.update(step, last_metrics)
-                window_start, window_tokens, window_steps = time.perf_counter(), 0, 0
-            if config.run.eval_every and step % config.run.eval_every == 0 and step < total:
-                with activation_sharding(mesh, model_config):
-                    values = validation_loss(eval_fn, state, frozen, valid, load, optim.batch_size, mesh)
-                writer.scalars(step, values)
-                _log_evaluation(step, values)
-            if preemption.requested:
-                manager.wait_until_finished()
-                log.warning("stopped at step %d after SIGTERM; rerun the same command to resume", step)
-                return {"step": step, "preempted": True, **last_metrics}
-        manager.wait_until_finished()
-        final = {"step": step, **last_metrics}
-        if valid:
-            with activation_sharding(mesh, model_config):
-                values = validation_loss(eval_fn, state, frozen, valid, load, optim.batch_size, mesh)
-            final.update(values)
-            writer.scalars(step, values)
-            _log_evaluation(step, values)
-        if config.run.eval_accuracy and valid:
-            if jax.process_count() > 1:
-                log.warning("run.eval_accuracy runs in single-process runs only; evaluate out_dir/final with "
-                            "python -m af2_jax.infer --manifest instead")
-            else:
-                accuracy, samples = exact_match(nnx.merge(graphdef, state.params, frozen), tokenizer, valid, config)
-                final.update(accuracy)
-                writer.scalars(step, accuracy)
-                _log_evaluation(step, accuracy)
-                for name, rows in samples.items():
-                    writer.answers(step, name, rows)
-        if config.run.save_final:
-            save_final(nnx.merge(graphdef, state.params, frozen), out_dir / "final", tokenizer, config, step)
-        if main:
-            (out_dir / "final_metrics.json").write_text(json.dumps(final, indent=2))
+        final = train_steps(setup)
+        if final.get("preempted"):
+            return final
+        final.update(evaluate(setup, final["step"]))
+        finish(setup, final)
         return final
     finally:
-        progress.close()
-        preemption.restore()
-        batches.close()
-        writer.close()
-        manager.close()
+        setup.close()
 
 
-def _save(manager, step: int, state, batches, *, force: bool) -> None:
-    import orbax.checkpoint as ocp
-
-    if not (force or manager.should_save(step)):
+def _save(setup: TrainingSetup, step: int, *, force: bool) -> None:
+    if not (force or setup.manager.should_save(step)):
         return
     # Every process stores its own iterator state (each reads its own slice of the data).
-    data_state = {f"process_{jax.process_index()}": batches.state()}
+    data_state = {f"process_{jax.process_index()}": setup.batches.state()}
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         gathered = multihost_utils.process_allgather(np.frombuffer(json.dumps(data_state).ljust(4096).encode(),
                                                                    dtype=np.uint8))
         data_state = {}
         for row in np.asarray(gathered).reshape(jax.process_count(), -1):
             data_state.update(json.loads(bytes(row).decode().strip()))
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
-                 force=force)
+    setup.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(setup.state),
+                                                     data=ocp.args.JsonSave(data_state)), force=force)
 
 
 def save_final(model, path: Path, tokenizer, config: TrainConfig, step: int) -> None:
     """The trained model as an af2-jax checkpoint (every process writes its shards)."""
-    import af2_jax
-
-    af2_jax.save(model, path, tokenizer=tokenizer, dtype=config.run.final_dtype, overwrite=True,
-                 meta={"trained_steps": step})
+    save_checkpoint(model, path, tokenizer=tokenizer, dtype=config.run.final_dtype, overwrite=True,
+                    meta={"trained_steps": step})
 
 
 def validation_loss(eval_fn, state, frozen, valid: dict, load, batch_size: int, mesh) -> dict:
@@ -332,9 +416,6 @@ def normalise_answer(text: str) -> str:
 def exact_match(model, tokenizer, valid: dict, config: TrainConfig) -> tuple[dict, dict]:
     """Greedy answers to every readable validation item: exact match after lower-casing and whitespace folding, per
     set (`valid/<set>/exact_match`), and each set's first `SAMPLE_ANSWERS` (prompt, reference, answer) rows."""
-    from af2_jax.audio.io import AudioError
-    from af2_jax.pipeline import answer_items, prepare
-
     out, samples = {}, {}
     for name, items in valid.items():
         correct = readable = 0
@@ -349,7 +430,7 @@ def exact_match(model, tokenizer, valid: dict, config: TrainConfig) -> tuple[dic
                     log.warning("validation item skipped: %s", err)
             if chunk:
                 answers = answer_items(model, tokenizer, [p for _, p in chunk],
-                                       max_new_tokens=config.run.eval_max_new_tokens)
+                                       Sampling(max_new_tokens=config.run.eval_max_new_tokens))
                 correct += sum(normalise_answer(a) == normalise_answer(it.output)
                                for a, (it, _) in zip(answers, chunk))
                 readable += len(chunk)
