@@ -1,21 +1,23 @@
 """The serving engine: requests decode in slots with continuous batching, on compiled programs the engine owns.
 
-A request is encoded (HTSAT, the audio transformer and every layer's cross-attention K/V; batch 1), prefilled (its
-prompt written into a fresh text cache of `max_len` positions and its first token sampled; batch 1) and inserted into
-a free row of a slot group, where it decodes with the group's other requests, several steps per compiled call, until
-it stops; the row is then free for the next request. New requests join between calls while the others keep their
-caches, so a short answer never waits for a long one.
+A request is encoded (HTSAT, the audio transformer and every layer's cross-attention K/V; batch 1, at its own window
+bucket), prefilled (its prompt written into a fresh text cache of `max_len` positions and its first token sampled;
+batch 1) and inserted into a free row of the slot group, where it decodes with the other requests, several steps per
+compiled call, until it stops; the row is then free for the next request. New requests join between calls while the
+others keep their caches, so a short answer never waits for a long one.
 
-Shapes are static, so the compiled programs are bounded whatever the traffic (`EnginePrograms.bound`): per window
-group W one encode, one group set-up, one insert and one decode program, and per (W, prompt bucket) one prefill.
-A request's group is the smallest of `window_groups` that holds its windows, a function of the request alone, so a
-one-window request never pays for a neighbour's thirty windows at every step; the price of several active groups is
-one read of the weights per group per step (decoding is memory-bound). `docs/design.md` has the figures.
+The group's cross-attention K/V are as wide as the widest request in flight (a window bucket): a wider request widens
+them as it joins, and they narrow again once the widest has left, so a one-window request pays for a neighbour's
+thirty windows only while that neighbour decodes. One group reads the weights once per step; a group per window
+bucket would read them once per group, which costs more than the padding for every released model (`docs/design.md`
+has the figures). Padded windows are masked: their keys get exactly zero weight.
 
-A row's tokens depend on its own request only: its sampling key for its n-th token is `fold_in(key(seed), n)`,
-masks, positions and cache indices are per row, the programs it runs are chosen by its own shapes, and no row's
-arithmetic reads another's. So greedy tokens equal the request decoded alone, and a seeded sampled request gives the
-same tokens whatever its batch-mates and arrival time.
+Shapes are static, so the compiled programs are bounded whatever the traffic (`EnginePrograms.bound`).
+
+A row's tokens depend on its own request only: its sampling key for its n-th token is `fold_in(key(seed), n)`, masks,
+positions and cache indices are per row, and no row's arithmetic reads another's. So greedy tokens equal the request
+decoded alone and a seeded sampled request gives the same tokens whatever its batch-mates and arrival time (tested
+token for token; the group's width, which the batch-mates set, changes only how many masked keys a reduction adds).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import numpy as np
 from flax import nnx
 
 from af2_jax.audio.io import load_windows
+from af2_jax.config import check_max_windows
 from af2_jax.sharding import activation_sharding, check_batch_splits
 
 log = logging.getLogger(__name__)
@@ -257,13 +260,35 @@ def _empty_group(state, *, graphdef, slots: int, windows: int, max_len: int, tok
                  jnp.full((slots, 1 + MAX_STOP_IDS), -1, jnp.int32))
 
 
+def _media_width(media_kv, media_mask, tokens: int):
+    """Cross-attention K/V `(..., S, dim_head)` and mask `(B, S)` cut or padded (masked) to S = `tokens`."""
+    def fit(x, axis):
+        have = x.shape[axis]
+        if have >= tokens:
+            return jax.lax.slice_in_dim(x, 0, tokens, axis=axis)
+        pad = [(0, 0)] * x.ndim
+        pad[axis % x.ndim] = (0, tokens - have)
+        return jnp.pad(x, pad)
+
+    return jax.tree.map(lambda x: fit(x, -2), media_kv), fit(media_mask, -1)
+
+
 def _insert(state, group: Group, row: Row, slot, *, graphdef):
-    """`row` written into row `slot` of `group`."""
+    """`row` written into row `slot` of `group`, its K/V padded to the group's width."""
     model = nnx.merge(graphdef, state)
+    media_kv, media_mask = _media_width(row.media_kv, row.media_mask, group.media_mask.shape[1])
     cache = model.write_rows(group.cache, row.cache, slot)
-    media_kv = model.write_rows(group.media_kv, row.media_kv, slot)
+    media_kv = model.write_rows(group.media_kv, media_kv, slot)
+    row = row._replace(media_mask=media_mask)
     rest = [jax.lax.dynamic_update_index_in_dim(g, r[0], slot, 0) for g, r in zip(group[2:], row[2:])]
     return Group(cache, media_kv, *rest)
+
+
+def _resize(state, group: Group, *, graphdef, tokens: int):
+    """The group with its cross-attention K/V widened (masked padding) or narrowed to `tokens` media tokens."""
+    del state, graphdef  # the same signature as every program; nothing of the model is needed
+    media_kv, media_mask = _media_width(group.media_kv, group.media_mask, tokens)
+    return group._replace(media_kv=media_kv, media_mask=media_mask)
 
 
 def _decode(state, group: Group, *, graphdef, steps: int):
@@ -306,7 +331,7 @@ class EnginePrograms:
     `plan` sizes exactly what serving runs."""
 
     FUNCTIONS = {"encode": "_encode", "group": "_empty_group", "prefill": "_prefill", "insert": "_insert",
-                 "decode": "_decode"}
+                 "resize": "_resize", "decode": "_decode"}
 
     def __init__(self, graphdef, config, *, mesh=None, capacity: int = 256, announce: Callable[[str], None] = None):
         self.graphdef, self.config, self.mesh, self.capacity = graphdef, config, mesh, capacity
@@ -315,10 +340,11 @@ class EnginePrograms:
         self._programs: collections.OrderedDict = collections.OrderedDict()
 
     @staticmethod
-    def bound(groups: int, prompt_buckets: int) -> int:
-        """Programs that serving with `groups` window groups and `prompt_buckets` prompt buckets can need: per group
-        an encode, a set-up, an insert and a decode, and per (group, prompt bucket) a prefill."""
-        return groups * (4 + prompt_buckets)
+    def bound(windows: int, prompts: int) -> int:
+        """Programs that serving requests of `windows` window buckets and `prompts` prompt buckets can need: per
+        window bucket an encode, a group set-up and a decode; per (window, prompt) bucket a prefill; per pair of a
+        group width and a narrower or equal request an insert; per ordered pair of widths a resize."""
+        return windows * (3 + prompts) + windows * (windows + 1) // 2 + windows * (windows - 1)
 
     @property
     def count(self) -> int:
@@ -398,15 +424,14 @@ class Engine:
 
     `slots`: requests decoding at once; `max_len`: each slot's text cache (prompt + new tokens); `max_pending`:
     requests that may wait for a slot before `submit` raises `EngineFull`; `mesh`: the mesh the model was loaded on
-    (`slots` must split over its data x fsdp axes); `window_groups`: the window capacities of the slot groups
-    (default: the window buckets); `steps_per_call`: decoding steps per compiled call.
+    (`slots` must split over its data x fsdp axes); `steps_per_call`: decoding steps per compiled call.
 
     Nothing runs in the background: `Handle.result()` and `run` drive the engine from the calling thread (one thread
     at a time; the others wait for their results), so a process that submits the same requests in the same order
     makes the same decisions, which is what a mesh spanning processes needs."""
 
     def __init__(self, model, tokenizer=None, *, slots: int = 8, max_len: int = 768, max_pending: int = 64,
-                 mesh=None, window_groups: Sequence[int] = WINDOW_BUCKETS, steps_per_call: int = 8):
+                 mesh=None, steps_per_call: int = 8):
         if slots < 1 or max_len < 2 or max_pending < 1 or steps_per_call < 1:
             raise ValueError(f"slots {slots}, max_len {max_len}, max_pending {max_pending}, steps_per_call "
                              f"{steps_per_call}: need slots >= 1, max_len >= 2, max_pending >= 1, steps >= 1")
@@ -414,13 +439,12 @@ class Engine:
             check_batch_splits(mesh, slots, "slots", fix="use a multiple of {data} slots")
         self.model, self.tokenizer, self.config = model, tokenizer, model.config
         self.slots, self.max_len, self.max_pending, self.mesh = slots, max_len, max_pending, mesh
-        self.window_groups = tuple(sorted(set(int(w) for w in window_groups)))
         self.steps_per_call = steps_per_call
         self.graphdef, self.state = nnx.split(model)
         self.programs = EnginePrograms(self.graphdef, self.config, mesh=mesh, announce=self._announce)
         # Seconds spent (compiling apart) and tokens made, over the engine's life: callers take differences.
         self.timings = {"compile_s": 0.0, "encode_s": 0.0, "prefill_s": 0.0, "decode_s": 0.0, "tokens": 0}
-        self._groups: dict[int, _Slots] = {}
+        self._group: _Slots | None = None  # the rows decoding now; None while nothing is in flight
         self._pending: collections.deque[Handle] = collections.deque()
         self._active = 0
         self._submitted = 0
@@ -449,9 +473,7 @@ class Engine:
                              f"({request.sampling.max_new_tokens}) need {need} cache positions, over the engine's "
                              f"max_len {self.max_len}; ask for fewer new tokens or use a larger max_len")
         windows, window_mask = self._audio(request.audio)
-        if windows.shape[0] > self.window_groups[-1]:
-            raise ValueError(f"{windows.shape[0]} windows, over the engine's largest window group "
-                             f"{self.window_groups[-1]}")
+        check_max_windows(windows.shape[0], "a request's window count ")
         with self._lock:
             if len(self._pending) >= self.max_pending:
                 raise EngineFull(f"{len(self._pending)} requests are already waiting (max_pending "
@@ -495,12 +517,13 @@ class Engine:
     def step(self) -> bool:
         """Ends cancelled requests, admits waiting ones into free slots (encode, prefill, insert), then runs one
         decoding call for every group with running rows. Returns whether there was anything to do."""
-        for group in list(self._groups.values()):
-            for row, handle in enumerate(group.rows):
-                if handle is not None and handle.cancelled:
-                    group.state = group.state._replace(running=group.state.running.at[row].set(False))
-                    self._free(group, row)
-                    self._finish(handle, "cancelled")
+        group = self._group
+        for row, handle in enumerate(group.rows if group is not None else []):
+            if handle is not None and handle.cancelled:
+                group.state = group.state._replace(running=group.state.running.at[row].set(False))
+                self._free(row)
+                self._finish(handle, "cancelled")
+        self._fit()
         with self._lock:
             for handle in [h for h in self._pending if h.cancelled]:
                 self._pending.remove(handle)
@@ -511,17 +534,15 @@ class Engine:
         self._admitted = len(admitted)
         for handle in admitted:
             self._start(handle)
-        decoded = False
-        for group in list(self._groups.values()):
-            if any(h is not None for h in group.rows):
-                self._decode(group)
-                decoded = True
+        decoded = self._group is not None
+        if decoded:
+            self._decode()
         self.timings["compile_s"] = self.programs.compile_s
         return bool(admitted) or decoded
 
     def _start(self, handle: Handle) -> None:
         sampling = handle.request.sampling
-        windows = next(w for w in self.window_groups if w >= handle.windows.shape[0])
+        windows = bucket_windows(handle.windows.shape[0])
         audio = np.zeros((1, windows, handle.windows.shape[1]), np.float32)
         audio_mask = np.zeros((1, windows), np.float32)
         audio[0, :handle.windows.shape[0]] = handle.windows
@@ -548,7 +569,7 @@ class Engine:
                 self._active -= 1
             self._finish(handle, self._reason(handle))
             return
-        group = self._group(windows)
+        group = self._widened(windows)
         slot = group.rows.index(None)
         group.state = self._timed("prefill_s", "insert", (self.state, group.state, row, np.int32(slot)))
         group.rows[slot] = handle
@@ -560,16 +581,26 @@ class Engine:
         self.timings[phase] += time.perf_counter() - start - (self.programs.compile_s - compiled)
         return out
 
-    def _group(self, windows: int) -> _Slots:
-        group = self._groups.get(windows)
+    def _widened(self, windows: int) -> _Slots:
+        """The group, made (or widened to) at least `windows` windows wide."""
+        group = self._group
         if group is None:
             statics = dict(slots=self.slots, windows=windows, max_len=self.max_len,
                            tokens_per_window=self.config.htsat.tokens_per_window,
                            media_dim=self.config.audio_transformer.d_model, dtype=self.model.dtype)
-            group = self._groups[windows] = _Slots(windows, self.programs.run("group", (self.state,), **statics))
+            group = self._group = _Slots(windows, self.programs.run("group", (self.state,), **statics))
+        elif group.windows < windows:
+            self._resize(windows)
         return group
 
-    def _decode(self, group: _Slots) -> None:
+    def _resize(self, windows: int) -> None:
+        group = self._group
+        group.state = self.programs.run("resize", (self.state, group.state),
+                                        tokens=windows * self.config.htsat.tokens_per_window)
+        group.windows = windows
+
+    def _decode(self) -> None:
+        group = self._group
         group.state, out = self._timed("decode_s", "decode", (self.state, group.state), steps=self.steps_per_call)
         out, running = _to_host(out), _to_host(group.state.running)
         for row, handle in enumerate(group.rows):
@@ -577,15 +608,26 @@ class Engine:
                 continue
             self._emit(handle, [int(t) for t in out[row] if t >= 0])
             if not running[row]:
-                self._free(group, row)
+                self._free(row)
                 self._finish(handle, self._reason(handle))
+        self._fit()
 
-    def _free(self, group: _Slots, row: int) -> None:
-        group.rows[row] = None
+    def _free(self, row: int) -> None:
+        self._group.rows[row] = None
         with self._lock:
             self._active -= 1
-        if not any(h is not None for h in group.rows):
-            del self._groups[group.windows]  # its memory goes back until a request needs this group again
+
+    def _fit(self) -> None:
+        """The group narrowed to what the requests in it need, or gone when none is left (its memory goes back
+        until the next request)."""
+        group = self._group
+        if group is None:
+            return
+        widest = max((bucket_windows(h.windows.shape[0]) for h in group.rows if h is not None), default=0)
+        if not widest:
+            self._group = None
+        elif widest < group.windows:
+            self._resize(widest)
 
     def _emit(self, handle: Handle, tokens: list[int]) -> None:
         if not tokens:

@@ -1,6 +1,6 @@
 """`generate`: the batch API over the serving engine. Each row is one engine request (its real prompt tokens, its
-windows), decoded on the engine the model shares with `af2_jax.answer`, so a second call with the same shapes
-compiles nothing and every row's tokens are those it gets alone.
+windows), decoded on the model's engine for that many rows (`engine_for`, shared with `af2_jax.answer`), so a
+second call with the same shapes compiles nothing and every row's tokens are those it gets alone.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from af2_jax.engine import Engine, Request, Sampling, bucket_prompt
+from af2_jax.engine import Engine, Request, Sampling, bucket_prompt, bucket_rows
+from af2_jax.sharding import data_parallel_size
 
 # The engine of each model (and mesh, and cache length), dropped with the model.
 _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -23,7 +24,8 @@ def engine_for(model, tokenizer=None, *, slots: int = DEFAULT_SLOTS, mesh=None,
                max_len: int = DEFAULT_MAX_LEN) -> Engine:
     """The engine of `model` for `slots`, `mesh` and a text cache of at least `max_len` (rounded up to a multiple of
     256, at least 768, so requests of similar length share one), kept while the model lives: `generate`, `answer`
-    and `infer` decode on it, so the same shapes never compile twice."""
+    and `infer` decode on it, so the same shapes never compile twice. (One engine per slot count: on a CPU a step
+    costs about its slot count, so a single question runs on one slot.)"""
     max_len = max(DEFAULT_MAX_LEN, -(-max_len // 256) * 256)
     engines = _ENGINES.setdefault(model, {})
     engine = engines.get((slots, mesh, max_len))
@@ -32,6 +34,12 @@ def engine_for(model, tokenizer=None, *, slots: int = DEFAULT_SLOTS, mesh=None,
     if tokenizer is not None and engine.tokenizer is None:
         engine.tokenizer = tokenizer
     return engine
+
+
+def slots_for(requests: int, mesh=None) -> int:
+    """The slot count `generate` and `answer` use for a batch: a power of two holding it that splits over the mesh's
+    data axes."""
+    return bucket_rows(max(requests, data_parallel_size(mesh)))
 
 
 class GenerateOutput(NamedTuple):
@@ -76,7 +84,8 @@ def generate(model, input_ids, attention_mask, audio_x, audio_x_mask, max_new_to
         requests.append(Request(prompt, (audio[row], audio_mask[row]),
                                 Sampling(rule.max_new_tokens, rule.temperature, top_k, top_p, seed, stops,
                                          ignore_eos=eos_token_id is not None)))
-    engine = engine_for(model, mesh=mesh, max_len=bucket_prompt(max(map(len, prompts))) + max_new_tokens)
+    engine = engine_for(model, slots=slots_for(len(prompts), mesh), mesh=mesh,
+                        max_len=bucket_prompt(max(map(len, prompts))) + max_new_tokens)
     steps = _Steps(len(prompts), pad, on_token) if on_token is not None else None
     timings = dict(engine.timings)
     done = engine.run(requests, on_token=None if steps is None else steps.add,

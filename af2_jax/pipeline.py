@@ -10,7 +10,7 @@ import numpy as np
 from af2_jax.audio.io import load_windows
 from af2_jax.config import AudioConfig
 from af2_jax.engine import Request, Sampling
-from af2_jax.generate import engine_for
+from af2_jax.generate import DEFAULT_SLOTS, engine_for, slots_for
 
 
 @dataclasses.dataclass
@@ -36,11 +36,13 @@ def prepare(tokenizer, audio, question: str, max_windows: int | None = None,
 def answer_items(model, tokenizer, items: Sequence[Item], sampling: Sampling = Sampling(), *,
                  on_token: Callable[[int, list[int]], None] | None = None, timings: dict | None = None,
                  mesh=None) -> list[str]:
-    """Answers for prepared items, decoded together on the model's engine (`af2_jax.generate.engine_for`).
+    """Answers for prepared items, decoded together on the model's engine for up to 8 of them at once
+    (`af2_jax.generate.engine_for`).
     `on_token(i, tokens)` streams item i's new tokens; `timings`, if given, accumulates the compile / audio-encode /
     decode seconds and the tokens made."""
     need = max(len(it.prompt_ids) for it in items) + sampling.max_new_tokens
-    engine = engine_for(model, tokenizer, mesh=mesh, max_len=need)
+    engine = engine_for(model, tokenizer, slots=min(DEFAULT_SLOTS, slots_for(len(items), mesh)), mesh=mesh,
+                        max_len=need)
     before = dict(engine.timings)
     done = engine.run([Request(it.prompt_ids, (it.windows, it.window_mask), sampling) for it in items],
                       on_token=on_token)

@@ -105,6 +105,7 @@ def test_a_manifest_run_answers_each_item_as_it_is_answered_alone(held_out, tmp_
     """`infer --manifest` (bfloat16, the serving layout, 8 slots of continuous batching) gives every held-out item
     the answer `af2_jax.answer` gives it alone on `af2_jax.load(demo)` with its defaults."""
     from af2_jax.cli.infer import main as infer_cli
+    from af2_jax.generate import engine_for
 
     folder, tasks = held_out
     items = []
@@ -119,3 +120,7 @@ def test_a_manifest_run_answers_each_item_as_it_is_answered_alone(held_out, tmp_
     model, tokenizer = af2_jax.load(DEMO_CHECKPOINT), af2_jax.load_tokenizer(DEMO_CHECKPOINT)
     alone = {it["id"]: af2_jax.answer(model, tokenizer, it["audio"], it["prompt"]) for it in items}
     assert len(items) == 48 and answers == alone
+    programs = engine_for(model, slots=1).programs  # the engine `answer` used
+    compiled = programs.count
+    assert af2_jax.answer(model, tokenizer, items[0]["audio"], items[0]["prompt"]) == alone[items[0]["id"]]
+    assert programs.count == compiled  # a repeated question compiles nothing

@@ -144,7 +144,7 @@ def _run(args) -> int:
     from af2_jax.checkpoint.folder import read_config
     from af2_jax.checkpoint.resolve import resolve_checkpoint
     from af2_jax.distributed import maybe_initialize_distributed
-    from af2_jax.generate import engine_for
+    from af2_jax.generate import engine_for, slots_for
     from af2_jax.manifest import ManifestJob
     from af2_jax.pipeline import prepare
     from af2_jax.sharding import check_batch_splits, make_mesh
@@ -170,7 +170,9 @@ def _run(args) -> int:
             log.info("audio: %d file(s), %d window(s) loaded in %.2f s", len(items),
                      sum(it.windows.shape[0] for it in items), time.perf_counter() - start)
         model = _load(args, path, why, mesh)
-        engine = engine_for(model, tokenizer, slots=args.slots, mesh=mesh,
+        # A few files need no more slots than files (on a CPU a step costs about its slot count).
+        slots = args.slots if job is not None else min(args.slots, slots_for(len(items), mesh))
+        engine = engine_for(model, tokenizer, slots=slots, mesh=mesh,
                             max_len=tokenizer.max_prompt_tokens + args.max_new_tokens)
         if job is not None:
             errors = job.run(engine, args.sampling, args.max_windows)
