@@ -102,28 +102,13 @@ def plan_serving(request: PlanRequest) -> dict:
     temporaries = None
     if request.temporaries:
         temporaries = _temporaries(graphdef, state, shardings, mesh, config, rows, windows, prompt, request.new, dtype)
-    total = weights + caches + (temporaries or 0)
-    fits = None if request.hbm_gb is None else total <= request.hbm_gb * 1e9
-    cpu = jax.devices()[0].platform == "cpu"
-    lines = [
+    fits, table = _table(request, placement, [
         f"{request.model}, {request.dtype}, mesh {format_mesh(dict(mesh.shape))}; batch {request.batch} "
         f"(bucket {rows}), {request.windows} windows (bucket {windows}), prompt {request.prompt} (bucket {prompt}), "
-        f"{request.new} new tokens",
-        f"rules: {placement.report()}",
-        "| per device | GB |", "|---|---|",
-        f"| weights | {weights / 1e9:.3f} |",
-        f"| KV cache + cross-attention K/V | {caches / 1e9:.3f} |",
-        f"| weights + caches | {(weights + caches) / 1e9:.3f} |",
-    ]
-    if temporaries is not None:
-        label = "compiled temporaries (CPU upper bound: XLA upcasts bfloat16 there)" if cpu else \
-            "compiled temporaries"
-        lines.append(f"| {label} | {temporaries / 1e9:.3f} |")
-        lines.append(f"| total | {total / 1e9:.3f} |")
-    if fits is not None:
-        lines.append(f"{'fits' if fits else 'does NOT fit'} in {request.hbm_gb:g} GB per device")
-    return {"weights": weights, "caches": caches, "temporaries": temporaries, "fits": fits,
-            "table": "\n".join(lines)}
+        f"{request.new} new tokens"], [("weights", weights), ("KV cache + cross-attention K/V", caches),
+                                       ("weights + caches", weights + caches)],
+        "compiled temporaries", temporaries)
+    return {"weights": weights, "caches": caches, "temporaries": temporaries, "fits": fits, "table": table}
 
 
 def _temporaries(graphdef, state, shardings, mesh, config, rows, windows, prompt, new, dtype) -> int:
@@ -166,26 +151,31 @@ def plan_training(request: PlanRequest) -> dict:
         step = jax.jit(make_train_step(graphdef, tx, optim, remat=request.remat), donate_argnums=(0,))
         with activation_sharding(mesh, config):
             temporaries = step.lower(state, frozen, batch).compile().memory_analysis().temp_size_in_bytes
-    total = trainable + fixed + moments + (temporaries or 0)
-    fits = None if request.hbm_gb is None else total <= request.hbm_gb * 1e9
-    cpu = jax.devices()[0].platform == "cpu"
-    lines = [
+    fits, table = _table(request, placement, [
         f"{request.model} train step ({request.train}), {request.dtype} compute, float32 master weights, mesh "
         f"{format_mesh(dict(mesh.shape))}; batch {request.batch}, {request.windows} windows, {request.prompt} tokens"
-        f"{', remat' if request.remat else ''}",
-        f"rules: {placement.report()}",
-        "| per device | GB |", "|---|---|",
-        f"| trainable weights (float32) | {trainable / 1e9:.3f} |",
-        f"| frozen weights (float32) | {fixed / 1e9:.3f} |",
-        f"| AdamW moments | {moments / 1e9:.3f} |",
-        f"| weights + optimizer state | {(trainable + fixed + moments) / 1e9:.3f} |",
-    ]
+        f"{', remat' if request.remat else ''}"], [
+        ("trainable weights (float32)", trainable), ("frozen weights (float32)", fixed), ("AdamW moments", moments),
+        ("weights + optimizer state", trainable + fixed + moments)],
+        "compiled temporaries incl. gradients and activations", temporaries)
+    return {"weights": trainable + fixed, "optimizer": moments, "temporaries": temporaries, "fits": fits,
+            "table": table}
+
+
+def _table(request: PlanRequest, placement, header: list[str], rows: list[tuple[str, int]],
+           temporaries_label: str, temporaries: int | None) -> tuple[bool | None, str]:
+    """Whether the plan fits `request.hbm_gb` (None without it) and its Markdown table: the header lines, the rules,
+    one row per (label, bytes) of `rows` (the last is the total without temporaries), then the temporaries and the
+    total when compiled."""
+    total = rows[-1][1] + (temporaries or 0)
+    fits = None if request.hbm_gb is None else total <= request.hbm_gb * 1e9
+    lines = [*header, f"rules: {placement.report()}", "| per device | GB |", "|---|---|",
+             *(f"| {label} | {nbytes / 1e9:.3f} |" for label, nbytes in rows)]
     if temporaries is not None:
-        label = "compiled temporaries incl. gradients and activations" + (
-            " (CPU upper bound: XLA upcasts bfloat16 there)" if cpu else "")
-        lines += [f"| {label} | {temporaries / 1e9:.3f} |", f"| total | {total / 1e9:.3f} |"]
+        if jax.devices()[0].platform == "cpu":
+            temporaries_label += " (CPU upper bound: XLA upcasts bfloat16 there)"
+        lines += [f"| {temporaries_label} | {temporaries / 1e9:.3f} |", f"| total | {total / 1e9:.3f} |"]
     if fits is not None:
         lines.append(f"{'fits' if fits else 'does NOT fit'} in {request.hbm_gb:g} GB per device")
-    return {"weights": trainable + fixed, "optimizer": moments, "temporaries": temporaries, "fits": fits,
-            "table": "\n".join(lines)}
+    return fits, "\n".join(lines)
 
