@@ -47,7 +47,7 @@ class GenerateOutput(NamedTuple):
 
     tokens: np.ndarray  # (B, N) new tokens; after a row's EOS, the pad id
     lengths: np.ndarray  # (B,) new tokens per row, its EOS included
-    timings: dict  # seconds: compile_s (0 when every program was compiled already), encode_s (audio), prefill_s, decode_s
+    timings: dict  # seconds: compile_s (0 when all was compiled already), encode_s (audio), prefill_s, decode_s
 
 
 def generate(model, input_ids, attention_mask, audio_x, audio_x_mask, max_new_tokens: int = 256,
@@ -58,10 +58,10 @@ def generate(model, input_ids, attention_mask, audio_x, audio_x_mask, max_new_to
 
     input_ids / attention_mask `(B, T)` (left or right padding both work: each row's real tokens keep their order);
     audio_x `(B, L, 160000)`, audio_x_mask `(B, L)`. Ids default to the model config's (a negative `eos_token_id`:
-    never stop early); the pad id fills the rest of a stopped row. Sampling with `temperature > 0` needs `key` (a `jax.random.key`): row r samples with a seed drawn
-    from `fold_in(key, r)`. `on_token(step, tokens)` is called with each step's `(B,)` new tokens (the pad id for a
-    row that has stopped). With a `mesh` (the one the model was loaded on), the engine's slots split over its data
-    axes.
+    never stop early); the pad id fills the rest of a stopped row. Sampling with `temperature > 0` needs `key` (a
+    `jax.random.key`): row r samples with a seed drawn from `fold_in(key, r)`. `on_token(step, tokens)` is called
+    with each step's `(B,)` new tokens (the pad id for a row that has stopped). With a `mesh` (the one the model was
+    loaded on), the engine's slots split over its data axes.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")

@@ -29,7 +29,8 @@ def swin_block_geometry(cfg: HTSATConfig, stage: int, block: int) -> tuple[int, 
 
 @functools.lru_cache(maxsize=None)
 def relative_position_index(window: int) -> np.ndarray:
-    """`(w*w, w*w)` index into the `((2w-1)**2, heads)` bias table: `(hi - hj + w - 1) * (2w - 1) + (wi - wj + w - 1)`."""
+    """`(w*w, w*w)` index into the `((2w-1)**2, heads)` bias table:
+    `(hi - hj + w - 1) * (2w - 1) + (wi - wj + w - 1)`."""
     rows, cols = np.meshgrid(np.arange(window), np.arange(window), indexing="ij")
     coords = np.stack([rows.ravel(), cols.ravel()])  # (2, w*w)
     rel = coords[:, :, None] - coords[:, None, :] + (window - 1)
