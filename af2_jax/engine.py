@@ -36,8 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from af2_jax.audio.io import load_windows
-from af2_jax.config import check_max_windows
+from af2_jax.audio.io import load_windows, waveform_windows
+from af2_jax.config import MAX_WINDOWS_LIMIT, check_max_windows
 from af2_jax.sharding import activation_sharding, check_batch_splits
 
 log = logging.getLogger(__name__)
@@ -100,12 +100,18 @@ class Sampling:
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-    """One question: `prompt` is a question (the prompt template is applied) or prompt ids used as they are;
-    `audio` a file path or `(windows (W, 160000), mask (W,))` already loaded."""
+    """One question: `prompt` is a question (the prompt template is applied) or prompt ids used as they are.
+
+    `audio` is the question's clips: a file path, `(windows (W, 160000), mask (W,))` already loaded, a waveform
+    `{"array": samples, "sampling_rate": rate}`, a list of these, or None / [] for a question without audio. Each clip
+    is windowed on its own (cut to the engine's `max_windows`); the request's windows, in order, may total 30.
+    `history` holds earlier turns `(audio, question, answer)`, oldest first (`AF2Tokenizer.prompt_ids` says how
+    they enter the prompt; the released model was trained on single turns)."""
 
     prompt: str | Sequence[int]
-    audio: object
+    audio: object = None
     sampling: Sampling = Sampling()
+    history: tuple = ()
 
 
 class EngineFull(RuntimeError):
@@ -224,6 +230,14 @@ def _encode(state, audio, audio_mask, *, graphdef):
     return model.media_kv(media), media_mask
 
 
+def _blank(state, *, graphdef, windows: int, tokens_per_window: int, media_dim: int, dtype):
+    """The cross-attention K/V and mask of a request without audio: zeros, all masked (no weights are read)."""
+    model = nnx.merge(graphdef, state)
+    media = jax.ShapeDtypeStruct((1, windows * tokens_per_window, media_dim), dtype)
+    media_kv = jax.tree.map(lambda spec: jnp.zeros(spec.shape, spec.dtype), jax.eval_shape(model.media_kv, media))
+    return media_kv, jnp.zeros(media.shape[:2], jnp.float32)
+
+
 def _prefill(state, media_kv, media_mask, ids, length, sampling, *, graphdef, max_len: int):
     """A prompt `ids (1, P)` whose first `length` tokens are real (right padding) into a fresh text cache, and its
     first new token. Returns the request's `Row`."""
@@ -330,8 +344,8 @@ class EnginePrograms:
     `compiled(kind, args, **statics)` compiles (or returns) one for concrete or abstract arguments, which is how
     `plan` sizes exactly what serving runs."""
 
-    FUNCTIONS = {"encode": "_encode", "group": "_empty_group", "prefill": "_prefill", "insert": "_insert",
-                 "resize": "_resize", "decode": "_decode"}
+    FUNCTIONS = {"encode": "_encode", "blank": "_blank", "group": "_empty_group", "prefill": "_prefill",
+                 "insert": "_insert", "resize": "_resize", "decode": "_decode"}
 
     def __init__(self, graphdef, config, *, mesh=None, capacity: int = 256, announce: Callable[[str], None] = None):
         self.graphdef, self.config, self.mesh, self.capacity = graphdef, config, mesh, capacity
@@ -343,8 +357,9 @@ class EnginePrograms:
     def bound(windows: int, prompts: int) -> int:
         """Programs that serving requests of `windows` window buckets and `prompts` prompt buckets can need: per
         window bucket an encode, a group set-up and a decode; per (window, prompt) bucket a prefill; per pair of a
-        group width and a narrower or equal request an insert; per ordered pair of widths a resize."""
-        return windows * (3 + prompts) + windows * (windows + 1) // 2 + windows * (windows - 1)
+        group width and a narrower or equal request an insert; per ordered pair of widths a resize; and the blank
+        K/V of requests without audio."""
+        return windows * (3 + prompts) + windows * (windows + 1) // 2 + windows * (windows - 1) + 1
 
     @property
     def count(self) -> int:
@@ -431,13 +446,15 @@ class Engine:
     makes the same decisions, which is what a mesh spanning processes needs."""
 
     def __init__(self, model, tokenizer=None, *, slots: int = 8, max_len: int = 768, max_pending: int = 64,
-                 mesh=None, steps_per_call: int = 8):
+                 mesh=None, steps_per_call: int = 8, max_windows: int | None = None):
         if slots < 1 or max_len < 2 or max_pending < 1 or steps_per_call < 1:
             raise ValueError(f"slots {slots}, max_len {max_len}, max_pending {max_pending}, steps_per_call "
                              f"{steps_per_call}: need slots >= 1, max_len >= 2, max_pending >= 1, steps >= 1")
         if mesh is not None:
             check_batch_splits(mesh, slots, "slots", fix="use a multiple of {data} slots")
         self.model, self.tokenizer, self.config = model, tokenizer, model.config
+        self.max_windows = max_windows or model.config.audio.max_windows
+        check_max_windows(self.max_windows, "max_windows=")
         self.slots, self.max_len, self.max_pending, self.mesh = slots, max_len, max_pending, mesh
         self.steps_per_call = steps_per_call
         self.graphdef, self.state = nnx.split(model)
@@ -459,10 +476,15 @@ class Engine:
         handle. `on_token(tokens)` receives its new tokens as they are decoded and `on_done(completion)` its end,
         from the thread driving the engine. Raises ValueError for a request that cannot be served and EngineFull
         when `max_pending` requests wait already."""
+        turns = [(self._clips(audio), question, answer) for audio, question, answer in request.history]
+        clips = self._clips(request.audio)
         if isinstance(request.prompt, str):
             if self.tokenizer is None:
                 raise ValueError("a text prompt needs the engine's tokenizer: Engine(model, tokenizer)")
-            prompt_ids = self.tokenizer.prompt_ids(request.prompt)
+            prompt_ids = self.tokenizer.prompt_ids(request.prompt, len(clips),
+                                                   [(len(c), q, a) for c, q, a in turns])
+        elif turns:
+            raise ValueError("history needs a text prompt: prompt ids are used as they are")
         else:
             prompt_ids = [int(i) for i in request.prompt]
         if not prompt_ids:
@@ -472,8 +494,13 @@ class Engine:
             raise ValueError(f"the prompt ({len(prompt_ids)} tokens) and max_new_tokens "
                              f"({request.sampling.max_new_tokens}) need {need} cache positions, over the engine's "
                              f"max_len {self.max_len}; ask for fewer new tokens or use a larger max_len")
-        windows, window_mask = self._audio(request.audio)
-        check_max_windows(windows.shape[0], "a request's window count ")
+        every = [clip for c, _, _ in turns for clip in c] + clips
+        windows = np.concatenate([w for w, _ in every]) if every else \
+            np.zeros((0, self.config.audio.window_samples), np.float32)
+        window_mask = np.concatenate([m for _, m in every]) if every else np.zeros((0,), np.float32)
+        if windows.shape[0] > MAX_WINDOWS_LIMIT:
+            raise ValueError(f"the request's clips have {windows.shape[0]} windows in all, over the limit of "
+                             f"{MAX_WINDOWS_LIMIT} ({MAX_WINDOWS_LIMIT} windows = 5 minutes); ask about less audio")
         with self._lock:
             if len(self._pending) >= self.max_pending:
                 raise EngineFull(f"{len(self._pending)} requests are already waiting (max_pending "
@@ -550,7 +577,13 @@ class Engine:
         length = len(handle.prompt_ids)
         prompt = min(bucket_prompt(length), self.max_len)
         self._shapes = windows, prompt, sampling.max_new_tokens
-        media_kv, media_mask = self._timed("encode_s", "encode", (self.state, audio, audio_mask))
+        if handle.windows.shape[0]:
+            media_kv, media_mask = self._timed("encode_s", "encode", (self.state, audio, audio_mask))
+        else:  # no audio: masked zeros for the K/V, and no HTSAT pass (the attention output is then exactly zero)
+            media_kv, media_mask = self._timed("encode_s", "blank", (self.state,), windows=windows,
+                                               tokens_per_window=self.config.htsat.tokens_per_window,
+                                               media_dim=self.config.audio_transformer.d_model,
+                                               dtype=self.model.dtype)
         ids = np.full((1, prompt), self.config.tokens.pad, np.int32)
         ids[0, :length] = handle.prompt_ids
         stops = self._stops(sampling)
@@ -662,14 +695,21 @@ class Engine:
                      prompt, new, compile_note())
             self._announced = True
 
-    def _audio(self, audio) -> tuple[np.ndarray, np.ndarray]:
+    def _clips(self, audio) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The clips of a request's `audio` (`Request`) as `(windows, mask)` pairs."""
+        if audio is None:
+            return []
+        if isinstance(audio, list):
+            return [clip for item in audio for clip in self._clips(item)]
         if isinstance(audio, tuple):
             windows, mask = (np.asarray(a, np.float32) for a in audio)
-        else:
-            windows, mask = load_windows(audio, max_windows=self.config.audio.max_windows, config=self.config.audio)
-        if windows.ndim != 2 or mask.shape != windows.shape[:1] or windows.shape[0] < 1:
-            raise ValueError(f"audio windows {windows.shape} and mask {mask.shape}: need (W, samples) and (W,), W >= 1")
-        return windows, mask
+            if windows.ndim != 2 or mask.shape != windows.shape[:1] or windows.shape[0] < 1:
+                raise ValueError(f"audio windows {windows.shape} and mask {mask.shape}: need (W, samples) and (W,), "
+                                 "W >= 1")
+            return [(windows, mask)]
+        if isinstance(audio, dict):
+            return [waveform_windows(audio, self.max_windows, config=self.config.audio)]
+        return [load_windows(audio, max_windows=self.max_windows, config=self.config.audio)]
 
 
 def compile_note() -> str:

@@ -20,17 +20,20 @@ DEFAULT_SLOTS = 8
 DEFAULT_MAX_LEN = 768
 
 
-def engine_for(model, tokenizer=None, *, slots: int = DEFAULT_SLOTS, mesh=None,
-               max_len: int = DEFAULT_MAX_LEN) -> Engine:
-    """The engine of `model` for `slots`, `mesh` and a text cache of at least `max_len` (rounded up to a multiple of
-    256, at least 768, so requests of similar length share one), kept while the model lives: `generate`, `answer`
+def engine_for(model, tokenizer=None, *, slots: int = DEFAULT_SLOTS, mesh=None, max_len: int = DEFAULT_MAX_LEN,
+               max_windows: int | None = None) -> Engine:
+    """The engine of `model` for `slots`, `mesh`, a text cache of at least `max_len` (rounded up to a multiple of
+    256, at least 768, so requests of similar length share one) and `max_windows` per clip (default the model's),
+    kept while the model lives: `generate`, `answer`
     and `infer` decode on it, so the same shapes never compile twice. (One engine per slot count: on a CPU a step
     costs about its slot count, so a single question runs on one slot.)"""
     max_len = max(DEFAULT_MAX_LEN, -(-max_len // 256) * 256)
     engines = _ENGINES.setdefault(model, {})
-    engine = engines.get((slots, mesh, max_len))
+    max_windows = max_windows or model.config.audio.max_windows
+    engine = engines.get((slots, mesh, max_len, max_windows))
     if engine is None:
-        engine = engines[slots, mesh, max_len] = Engine(model, tokenizer, slots=slots, max_len=max_len, mesh=mesh)
+        engine = engines[slots, mesh, max_len, max_windows] = Engine(model, tokenizer, slots=slots, max_len=max_len,
+                                                                     mesh=mesh, max_windows=max_windows)
     if tokenizer is not None and engine.tokenizer is None:
         engine.tokenizer = tokenizer
     return engine

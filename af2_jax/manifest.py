@@ -1,6 +1,7 @@
 """Manifests for `infer`: JSON lines in, JSON lines out, resumable.
 
-An input line is {"audio": PATH, "prompt": TEXT, "id": optional string or integer, by default the line number}. A line
+An input line is {"audio": PATH or [PATH, ...] (optional: without it, or with [], a question without audio), "prompt":
+TEXT, "id": optional string or integer, by default the line number}. A line
 that is not such an object stops the run (fix the line); an item whose fields have the wrong type, or whose audio or
 prompt cannot be used, gets an "error" line and the others go on. Each item becomes one output line {"id", "audio",
 "prompt", "answer"} (or "error"), appended and flushed as the item finishes; a rerun after a kill skips what the
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from af2_jax.audio.io import AudioError, load_windows
+from af2_jax.audio.io import AudioError
 from af2_jax.distributed import is_main_process
 from af2_jax.engine import EngineFull, Request
 from af2_jax.tokenizer import TokenizerError
@@ -35,26 +36,27 @@ def _shown(value) -> str:
 
 
 def _manifest_item(line: str, number: int, path: Path) -> dict:
-    """One manifest line -> {"id", "audio", "prompt", "problem"}. A line that is not a JSON object with "audio" and
-    "prompt" stops the run: the file is not a manifest, or the line is damaged. A field of the wrong type is only
+    """One manifest line -> {"id", "audio" (absent when the line has none), "prompt", "problem"}. A line that is not
+    a JSON object with a "prompt" stops the run: the file is not a manifest, or the line is damaged. A field of the wrong type is only
     that item's `problem`, which becomes its "error" line, so one bad item does not stop the others (nor every
     rerun)."""
     try:
         fields = json.loads(line)
     except json.JSONDecodeError:
         raise ValueError(f"{path}:{number}: not valid JSON; fix the line") from None
-    if not isinstance(fields, dict) or "audio" not in fields or "prompt" not in fields:
-        raise ValueError(f'{path}:{number}: needs an object with "audio" and "prompt"')
+    if not isinstance(fields, dict) or "prompt" not in fields:
+        raise ValueError(f'{path}:{number}: needs an object with "prompt" (and "audio", unless the question has none)')
     key, problems = fields.get("id", number), []
     if isinstance(key, bool) or not isinstance(key, (str, int)):
         problems.append(f'"id" must be a string or an integer, got {_shown(key)} (this line is kept under its line '
                         f"number, {number})")
         key = number
-    if not isinstance(fields["audio"], str):
-        problems.append(f'"audio" must be a file path (a string), got {_shown(fields["audio"])}')
+    audio = fields.get("audio", [])
+    if not (isinstance(audio, str) or isinstance(audio, list) and all(isinstance(a, str) for a in audio)):
+        problems.append(f'"audio" must be a file path or a list of them, got {_shown(audio)}')
     if not isinstance(fields["prompt"], str):
         problems.append(f'"prompt" must be a string, got {_shown(fields["prompt"])}')
-    return {"id": str(key), "audio": fields["audio"], "prompt": fields["prompt"],
+    return {"id": str(key), **({"audio": fields["audio"]} if "audio" in fields else {}), "prompt": fields["prompt"],
             "problem": "; ".join(problems) or None}
 
 
@@ -68,9 +70,10 @@ def _read_manifest(path: Path) -> list[dict]:
 
 
 def _output_line(item: dict, **result) -> str:
-    """The output line of one manifest item: its "id", "audio" and "prompt" (what was asked, so a rerun can tell
-    whether the output belongs to its manifest), then "answer" or "error"."""
-    return json.dumps({"id": item["id"], "audio": item["audio"], "prompt": item["prompt"], **result}) + "\n"
+    """The output line of one manifest item: its "id", "audio" as given (when given) and "prompt" (what was asked,
+    so a rerun can tell whether the output belongs to its manifest), then "answer" or "error"."""
+    asked = {key: item[key] for key in ("id", "audio", "prompt") if key in item}
+    return json.dumps({**asked, **result}) + "\n"
 
 
 # How every _output_line starts, so also the last line of an output cut off by a kill.
@@ -83,7 +86,7 @@ def _output_record(line: bytes) -> dict | None:
         record = json.loads(line)
     except ValueError:  # not JSON, or not text at all
         return None
-    if isinstance(record, dict) and isinstance(record.get("id"), str) and {"audio", "prompt"} <= record.keys() \
+    if isinstance(record, dict) and isinstance(record.get("id"), str) and "prompt" in record \
             and isinstance(record.get("answer"), str) != isinstance(record.get("error"), str):
         return record
     return None
@@ -133,9 +136,9 @@ class ManifestJob:
         self.records, complete = _read_output(output)
         for it in self.items:
             old = self.records.get(it["id"])
-            if old is not None and (old["audio"], old["prompt"]) != (it["audio"], it["prompt"]):
-                raise ValueError(f"{output} answers id {it['id']} for audio {_shown(old['audio'])}, prompt "
-                                 f"{_shown(old['prompt'])}, but {manifest} asks about audio {_shown(it['audio'])}, "
+            if old is not None and (old.get("audio"), old["prompt"]) != (it.get("audio"), it["prompt"]):
+                raise ValueError(f"{output} answers id {it['id']} for audio {_shown(old.get('audio'))}, prompt "
+                                 f"{_shown(old['prompt'])}, but {manifest} asks about audio {_shown(it.get('audio'))}, "
                                  f"prompt {_shown(it['prompt'])}; use another --output, or delete {output} to answer "
                                  "again")
         # Only once every check has passed is a last line cut off by a kill removed, so appending stays valid JSONL.
@@ -171,11 +174,9 @@ class ManifestJob:
             raise ValueError(f"another run is writing {self.output} (it holds {path}); wait for it to finish, or "
                              "pass another --output") from None
 
-    def run(self, engine, sampling, max_windows: int | None = None) -> int:
-        """Answers the pending items on `engine` with `sampling`, clips cut to `max_windows` (None: the model's),
-        then rewrites the output in manifest order. Returns how many of the manifest's items end with an error."""
-        audio_config = engine.config.audio
-        cap = max_windows or audio_config.max_windows
+    def run(self, engine, sampling) -> int:
+        """Answers the pending items on `engine` with `sampling` (each clip cut to the engine's `max_windows`), then
+        rewrites the output in manifest order. Returns how many of the manifest's items end with an error."""
         with open(self.output if self.main else os.devnull, "a") as out, \
                 tqdm(total=len(self.pending), unit="item", file=sys.stderr, disable=not self.main) as bar:
             def write(item: dict, **result) -> None:
@@ -190,8 +191,7 @@ class ManifestJob:
                     write(it, error=it["problem"])
                     continue
                 try:
-                    windows = load_windows(it["audio"], max_windows=cap, config=audio_config)
-                    request = Request(it["prompt"], windows, sampling)
+                    request = Request(it["prompt"], it.get("audio"), sampling)
                     while True:
                         try:
                             engine.submit(request, on_done=lambda done, it=it: write(it, answer=done.text))

@@ -53,11 +53,17 @@ def answer_items(model, tokenizer, items: Sequence[Item], sampling: Sampling = S
 
 
 def answer(model, tokenizer, audio, question: str, sampling: Sampling | None = None, *,
-           max_windows: int | None = None, **options) -> str:
+           max_windows: int | None = None, history=(), **options) -> str:
     """The one-liner: `af2_jax.answer(model, tokenizer, "clip.wav", "What is happening?")` -> the answer text.
-    The decoding rule is `sampling` (an `af2_jax.Sampling`) or built from `options`, its fields
-    (`max_new_tokens=32, temperature=0.7, seed=1`); default greedy, 256 new tokens."""
+
+    `audio` is any form a `Request` takes: a path, `(windows, mask)`, a waveform `{"array", "sampling_rate"}`, a
+    list of these (several clips), or None (a question without audio); `history` holds earlier turns
+    `(audio, question, answer)`. Each clip is cut to `max_windows` (default the model's). The decoding rule is
+    `sampling` (an `af2_jax.Sampling`) or built from `options`, its fields (`max_new_tokens=32, temperature=0.7,
+    seed=1`); default greedy, 256 new tokens."""
     if sampling is not None and options:
         raise ValueError(f"pass either sampling= or its fields ({', '.join(options)}), not both")
-    item = prepare(tokenizer, audio, question, max_windows, model.config.audio)
-    return answer_items(model, tokenizer, [item], sampling or Sampling(**options))[0]
+    sampling = sampling or Sampling(**options)
+    engine = engine_for(model, tokenizer, slots=1, max_len=tokenizer.max_prompt_tokens + sampling.max_new_tokens,
+                        max_windows=max_windows)
+    return engine.run([Request(question, audio, sampling, tuple(history))])[0].text

@@ -19,6 +19,7 @@ import functools
 import json
 import logging
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 from af2_jax.config import SpecialTokens
@@ -125,8 +126,9 @@ def build_qwen25_tokenizer_json(tiktoken_file: Path | None = None):
 class AF2Tokenizer:
     """Qwen2.5 + AF2 tokens: encoding, decoding, the prompt template and answer extraction.
 
-    `encode(text)` -> `list[int]` (no BOS); `decode(ids)` -> `str`; `prompt_ids(question)` -> at most
-    `max_prompt_tokens` ids, `<audio>` first and `<SEP>` last; `answer(prompt_ids, new_ids)` -> `str`. `backend` is a
+    `encode(text)` -> `list[int]` (no BOS; special-token strings matched); `encode_plain(text)` -> the same with
+    them spelled out; `prompt_ids(question, clips=1, history=())` -> at most `max_prompt_tokens` ids of the
+    template, `<SEP>` last; `answer(prompt_ids, new_ids)` -> `str`. `backend` is a
     `tokenizers.Tokenizer`; its ids of AF2's tokens must equal `tokens` (the model config's), checked here.
     """
 
@@ -149,22 +151,49 @@ class AF2Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
-    def prompt_ids(self, question: str) -> list[int]:
-        """`<audio>` + question.lower().strip() + `<SEP>` (docs/original.md#prompt-template), at most
-        `max_prompt_tokens` long: a longer question is cut, never the template. The original cut the whole sequence,
-        which loses `<SEP>`, and the answer (what follows the last `<SEP>`) then became the prompt itself."""
+    def encode_plain(self, text: str) -> list[int]:
+        """`text` as ordinary text: a special token's string inside it (`<audio>`, `<SEP>`, `<|endoftext|>`, ...) is
+        spelled out, never matched, so user text cannot put template tokens into a prompt. For text without such
+        strings the ids equal `encode`'s (the same normaliser, pre-tokeniser and BPE, without the added-token
+        pass)."""
+        backend = self.backend
+        if backend.normalizer is not None:
+            text = backend.normalizer.normalize_str(text)
+        pieces = backend.pre_tokenizer.pre_tokenize_str(text) if backend.pre_tokenizer is not None else [(text, None)]
+        return [token.id for piece, _ in pieces for token in backend.model.tokenize(piece)]
+
+    def prompt_ids(self, question: str, clips: int = 1, history: Sequence[tuple[int, str, str]] = ()) -> list[int]:
+        """The prompt of a question about `clips` clips after earlier turns, at most `max_prompt_tokens` ids.
+
+        A turn is `<audio>` x its clips, its text lowercased and stripped, then `<SEP>`; AF2 saw exactly `<audio>` +
+        question + `<SEP>`, one clip, one turn (docs/original.md#prompt-template). Each earlier turn of `history`,
+        `(clips, question, answer)`, is followed by its answer, lowercased and stripped, and `<|endofchunk|>`. User
+        text goes through `encode_plain`: the special ids come from the template only. Over the limit, whole earliest
+        turns are dropped (with a warning); a last turn alone over it keeps its `<audio>` tokens, the first tokens
+        of its question and `<SEP>` (the original cut the whole sequence, which loses `<SEP>`, and the answer, what
+        follows the last `<SEP>`, then became the prompt itself)."""
+        t = self.tokens
+        ids = self._turn(clips, question)
+        turns = [self._turn(k, q) + self.encode_plain(a.lower().strip()) + [t.end_of_chunk] for k, q, a in history]
+        dropped = 0
+        while turns and sum(map(len, turns)) + len(ids) > self.max_prompt_tokens:
+            turns.pop(0)
+            dropped += 1
+        if dropped:
+            warnings.warn(f"the conversation is over the {self.max_prompt_tokens} prompt tokens allowed; its "
+                          f"{dropped} earliest turn(s) are left out", stacklevel=2)
+        if len(ids) > self.max_prompt_tokens:
+            kept = self.max_prompt_tokens - clips - 1
+            warnings.warn(f"the prompt has {len(ids)} tokens, over the {self.max_prompt_tokens} allowed; only the "
+                          f"first {kept} tokens of the question are used (ask a shorter question)", stacklevel=2)
+            ids = ids[: clips + kept] + ids[-1:]
+        return [token for turn in turns for token in turn] + ids
+
+    def _turn(self, clips: int, question: str) -> list[int]:
         text = question.lower().strip()
         if not text:
             raise TokenizerError("the prompt is empty; ask a question about the audio")
-        # One encoding of the whole string, as the original: the question's tokens next to the template's are not
-        # always those of the question encoded alone.
-        ids = self.encode("<audio>" + text + "<SEP>")
-        if len(ids) > self.max_prompt_tokens:
-            kept = self.max_prompt_tokens - 2
-            warnings.warn(f"the prompt has {len(ids)} tokens, over the {self.max_prompt_tokens} allowed; only the "
-                          f"first {kept} tokens of the question are used (ask a shorter question)", stacklevel=2)
-            ids = ids[: kept + 1] + ids[-1:]
-        return ids
+        return [self.tokens.media] * clips + self.encode_plain(text) + [self.tokens.sep]
 
     def answer(self, prompt_ids, new_ids) -> str:
         """The answer as the original extracts it (docs/original.md#answer-extraction): decode prompt + generation

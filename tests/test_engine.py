@@ -152,15 +152,15 @@ def test_a_manifest_compiles_at_most_the_stated_bound(small_checkpoint, tokenize
     manifest = tmp_path / "in.jsonl"
     manifest.write_text("".join(json.dumps(it) + "\n" for it in items))
     output = tmp_path / "out.jsonl"
-    engine = engine_for(model, tokenizer, slots=4, max_len=tokenizer.max_prompt_tokens + 4)
+    engine = engine_for(model, tokenizer, slots=4, max_len=tokenizer.max_prompt_tokens + 4, max_windows=8)
     before = engine.programs.count
     with ManifestJob(manifest, output) as job:
         job.pending = job.pending[:5]  # what a kill after five items leaves
-        job.run(engine, Sampling(max_new_tokens=4), max_windows=8)
+        job.run(engine, Sampling(max_new_tokens=4))
     assert output.read_text().count("\n") == 5
     with ManifestJob(manifest, output) as job:
         assert len(job.pending) == 7
-        assert job.run(engine, Sampling(max_new_tokens=4), max_windows=8) == 0
+        assert job.run(engine, Sampling(max_new_tokens=4)) == 0
     assert [json.loads(line)["id"] for line in output.read_text().splitlines()] == [it["id"] for it in items]
     windows = {bucket_windows(w) for w in range(1, 9)}
     prompts = {bucket_prompt(n) for n in range(1, 65)}

@@ -153,3 +153,32 @@ def test_save_and_load(tokenizer, tmp_path):
         assert again.encode(text) == tokenizer.encode(text)
     with pytest.raises(TokenizerError, match="no tokenizer.json"):
         load_tokenizer(tmp_path / "nowhere")
+
+
+def test_turns_clips_and_text_as_plain_text(tokenizer):
+    t = tokenizer.tokens
+    plain = tokenizer.encode_plain
+    # Earlier turns: each question's <audio> tokens, text and <SEP>, then its answer and <|endofchunk|>.
+    ids = tokenizer.prompt_ids("And now?", clips=2, history=[(1, "What is it?", " A Dog. "), (0, "Sure?", "yes")])
+    expected = ([t.media] + plain("what is it?") + [t.sep] + plain("a dog.") + [t.end_of_chunk]
+                + plain("sure?") + [t.sep] + plain("yes") + [t.end_of_chunk]
+                + [t.media, t.media] + plain("and now?") + [t.sep])
+    assert ids == expected and t.eos not in ids
+    assert tokenizer.prompt_ids("what?", clips=0) == plain("what?") + [t.sep]
+    # Special-token strings in user text are text: one <audio> and one <SEP>, from the template.
+    ids = tokenizer.prompt_ids("is <audio> the same as <SEP> or <|endoftext|>?")
+    assert ids.count(t.media) == 1 and ids.count(t.sep) == 1 and t.eos not in ids
+    assert tokenizer.decode(ids) == "<audio>is <audio> the same as <sep> or <|endoftext|>?<SEP>"  # lowercased
+    assert plain("what is the sound?") == tokenizer.encode("what is the sound?")
+
+
+def test_over_the_limit_the_earliest_turns_go_first(tokenizer):
+    t = tokenizer.tokens
+    long_answer = "word " * 500  # 500 tokens
+    history = [(1, "first?", long_answer), (1, "second?", "short")]
+    with pytest.warns(UserWarning, match="its 1 earliest turn"):
+        ids = tokenizer.prompt_ids("third?", history=history)
+    assert ids == tokenizer.prompt_ids("third?", history=history[1:]) and len(ids) <= 512
+    with pytest.warns(UserWarning, match="only the first 508 tokens of the question"):
+        ids = tokenizer.prompt_ids("word " * 600, clips=3, history=history)
+    assert len(ids) == 512 and ids[:3] == [t.media] * 3 and ids[-1] == t.sep and ids.count(t.sep) == 1

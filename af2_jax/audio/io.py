@@ -220,12 +220,18 @@ def read_audio(path, *, max_seconds: float | None = None, sample_rate: int = 160
         data, file_rate, total_frames = _decode_av(path, kind, start_seconds, max_seconds)
     else:
         data, file_rate, total_frames = _decode_soundfile(path, start_seconds, max_seconds)
-    if data.shape[0] == 0:
-        raise _fail(path, "contains no audio samples; re-export the file")
-    if not np.isfinite(data).all():
-        raise _fail(path, "contains NaN or infinite samples; fix the file (e.g. re-export it as 16-bit PCM)")
+    return _model_samples(data, file_rate, sample_rate, path, average=path.lower().endswith(".mp3")), \
+        total_frames / file_rate
 
-    if path.lower().endswith(".mp3"):
+
+def _model_samples(data: np.ndarray, rate: int, sample_rate: int, name, average: bool) -> np.ndarray:
+    """Decoded `(frames, channels)` audio at `rate` -> mono float64 at `sample_rate`, peak-normalised as the original
+    does it for a file (`average`: mp3, whose channels the original averages)."""
+    if data.shape[0] == 0:
+        raise _fail(name, "contains no audio samples; re-export the file")
+    if not np.isfinite(data).all():
+        raise _fail(name, "contains NaN or infinite samples; fix the file (e.g. re-export it as 16-bit PCM)")
+    if average:
         # The original decodes mp3 with pydub and averages the channels.
         mono = data.mean(axis=1)
     else:
@@ -233,8 +239,7 @@ def read_audio(path, *, max_seconds: float | None = None, sample_rate: int = 160
         # original), then keeps only the first channel.
         peak = np.max(np.abs(data))
         mono = data[:, 0] / peak if peak > 1.0 else data[:, 0]
-    mono = resample(mono, file_rate, sample_rate)
-    return _peak_normalise(mono, path), total_frames / file_rate
+    return _peak_normalise(resample(mono, rate, sample_rate), name)
 
 
 def _peak_normalise(x: np.ndarray, path) -> np.ndarray:
@@ -291,6 +296,35 @@ def load_windows(path, max_windows: int = 12, *, config: AudioConfig = _DEFAULT_
         log.warning("%s: %.1f s of audio is longer than max_windows=%d (%s of %g s); the last %.1f s were dropped",
                     path, total_seconds, max_windows, window, config.window_seconds, total_seconds - limit_seconds)
     return split_windows(samples, window_samples=config.window_samples, max_windows=max_windows)
+
+
+def waveform_windows(waveform: dict, max_windows: int = 12, *, config: AudioConfig = _DEFAULT_AUDIO
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """`{"array": samples, "sampling_rate": rate}` (the Hugging Face convention: 1-D mono, or `(channels, samples)`,
+    of which the first channel is kept, as for a file other than mp3) as model input, through exactly a file's
+    resampling, normalisation, int16 round trip and windows (`load_windows`)."""
+    if not isinstance(waveform, dict) or set(waveform) != {"array", "sampling_rate"}:
+        raise AudioError(f"a waveform is {{'array': samples, 'sampling_rate': rate}}, got {_shown(waveform)}")
+    rate = waveform["sampling_rate"]
+    if isinstance(rate, bool) or not isinstance(rate, (int, np.integer)) or rate < 1:
+        raise AudioError(f"a waveform's sampling_rate must be a positive integer, got {rate!r}")
+    array = np.asarray(waveform["array"], dtype=np.float64)
+    if array.ndim not in (1, 2):
+        raise AudioError(f"a waveform's array must be 1-D (mono) or (channels, samples), got shape {array.shape}")
+    data = array[:, None] if array.ndim == 1 else array.T
+    check_max_windows(max_windows)
+    limit_seconds = max_windows * config.window_seconds
+    if data.shape[0] > limit_seconds * rate:
+        log.warning("a waveform of %.1f s is longer than max_windows=%d; the last %.1f s were dropped",
+                    data.shape[0] / rate, max_windows, data.shape[0] / rate - limit_seconds)
+        data = data[:int(limit_seconds * rate)]
+    samples = _model_samples(data, int(rate), config.sample_rate, "the waveform", average=False)
+    return split_windows(samples, window_samples=config.window_samples, max_windows=max_windows)
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def collate_windows(items: Sequence[tuple[np.ndarray, np.ndarray]],

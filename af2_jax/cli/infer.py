@@ -3,9 +3,10 @@
     python -m af2_jax.infer --audio clip.wav --prompt "What is happening?"
     python -m af2_jax.infer --audio a.wav b.flac --prompt "Describe the sound." --json
     python -m af2_jax.infer --manifest items.jsonl --output answers.jsonl      # resumable
+    python -m af2_jax.infer --prompt "What rhymes with orange?"                # a question without audio
 
-Manifest lines are JSON objects {"audio": PATH, "prompt": TEXT, "id": optional string or integer, by default the
-line number}. A line that is not such an object stops the run (fix the line); an item whose fields have the wrong
+Manifest lines are JSON objects {"audio": PATH or [PATH, ...] (several clips in one question; absent or [] for a
+question without audio), "prompt": TEXT, "id": optional string or integer, by default the line number}. A line that is not such an object stops the run (fix the line); an item whose fields have the wrong
 type, or whose audio or prompt cannot be used, gets an "error" line and the others go on. Each item becomes one
 output line {"id", "audio", "prompt", "answer"} (or "error"), appended as the item finishes; rerunning the same
 command after a kill skips what is already answered and retries the items that failed; a finished run rewrites the
@@ -35,6 +36,8 @@ import json
 import logging
 import time
 from pathlib import Path
+
+import numpy as np
 
 from af2_jax.checkpoint.resolve import RELEASE_REPO
 from af2_jax.cli.common import EXIT_CODES, EXIT_INPUT, prog, run_command, setup_logging, warn_if_cpu_only
@@ -90,8 +93,9 @@ def _parser() -> argparse.ArgumentParser:
 def _check_args(p: argparse.ArgumentParser, args) -> None:
     if args.manifest and args.audio:
         p.error("--manifest and --audio are two different modes; pass one")
-    if not args.manifest and not args.audio:
-        p.error("pass --audio FILE... --prompt TEXT, or --manifest IN.jsonl --output OUT.jsonl")
+    if not args.manifest and args.prompt is None:
+        p.error("pass --audio FILE... --prompt TEXT, --prompt TEXT alone (a question without audio), or --manifest "
+                "IN.jsonl --output OUT.jsonl")
     if args.audio and args.prompt is None:
         p.error("--audio needs --prompt")
     if args.manifest and not args.output:
@@ -146,7 +150,7 @@ def _run(args) -> int:
     from af2_jax.distributed import maybe_initialize_distributed
     from af2_jax.generate import engine_for, slots_for
     from af2_jax.manifest import ManifestJob
-    from af2_jax.pipeline import prepare
+    from af2_jax.pipeline import Item, prepare
     from af2_jax.sharding import check_batch_splits, make_mesh
     from af2_jax.tokenizer import load_tokenizer
 
@@ -163,7 +167,8 @@ def _run(args) -> int:
         config, _ = read_config(path)
         tokenizer = load_tokenizer(path, config.tokens)
         _check_context(args, config, tokenizer, path)
-        items = None
+        items = [Item(np.zeros((0, config.audio.window_samples), np.float32), np.zeros((0,), np.float32),
+                      tokenizer.prompt_ids(args.prompt, clips=0))] if args.prompt is not None else None
         if args.audio:  # read every input before the (slow) model load, so a bad file fails at once
             start = time.perf_counter()
             items = [prepare(tokenizer, audio, args.prompt, args.max_windows, config.audio) for audio in args.audio]
@@ -173,9 +178,9 @@ def _run(args) -> int:
         # A few files need no more slots than files (on a CPU a step costs about its slot count).
         slots = args.slots if job is not None else min(args.slots, slots_for(len(items), mesh))
         engine = engine_for(model, tokenizer, slots=slots, mesh=mesh,
-                            max_len=tokenizer.max_prompt_tokens + args.max_new_tokens)
+                            max_len=tokenizer.max_prompt_tokens + args.max_new_tokens, max_windows=args.max_windows)
         if job is not None:
-            errors = job.run(engine, args.sampling, args.max_windows)
+            errors = job.run(engine, args.sampling)
             _log_timings(engine.timings)
             return EXIT_INPUT if errors and not args.keep_going else 0
         return _run_files(args, engine, tokenizer, items)
@@ -200,7 +205,7 @@ def _run_files(args, engine, tokenizer, items) -> int:
     main = is_main_process()  # every process decodes; only process 0 prints
     requests = [Request(it.prompt_ids, (it.windows, it.window_mask), args.sampling) for it in items]
     if args.stream:
-        for path, item, request in zip(args.audio, items, requests):
+        for path, item, request in zip(args.audio or ["(no audio)"], items, requests):
             if main:
                 print(f"{path}: ", end="", flush=True)
             engine.run([request], on_token=_Streamer(tokenizer, item.prompt_ids) if main else None)
@@ -208,12 +213,12 @@ def _run_files(args, engine, tokenizer, items) -> int:
                 print(flush=True)
     else:
         done = engine.run(requests)
-        for path, item, completion in zip(args.audio, items, done if main else []):
+        for path, item, completion in zip(args.audio or [None], items, done if main else []):
             text = tokenizer.answer(item.prompt_ids, completion.tokens)
             if args.json:
                 print(json.dumps({"audio": path, "prompt": args.prompt, "answer": text}), flush=True)
             else:
-                print(f"{path}: {text}" if len(args.audio) > 1 else text, flush=True)
+                print(f"{path}: {text}" if len(args.audio or []) > 1 else text, flush=True)
     _log_timings(engine.timings)
     return 0
 

@@ -56,6 +56,9 @@ class GatedCrossAttention(nnx.Module):
         logits = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
         probs = jax.nn.softmax(logits, axis=-1).astype(media_v.dtype)
         attn = jnp.einsum("bhqk,bhkd->bqhd", probs, media_v).reshape(b, t, cfg.heads * cfg.dim_head)
+        # A row without audio attends to nothing: its attention output is exactly zero (the original, which never
+        # saw such a row, would spread the attention evenly over padding: docs/original.md#text-only).
+        attn = jnp.where(jnp.any(media_mask != 0, axis=-1)[:, None, None], attn, 0)
         x = x + jnp.tanh(self.attn_gate[...]).astype(x.dtype) * self.to_out(attn)
         ff = self.ff_out(jax.nn.gelu(self.ff_in(self.ff_norm(x)), approximate=False))
         return x + jnp.tanh(self.ff_gate[...]).astype(x.dtype) * ff

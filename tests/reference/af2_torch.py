@@ -298,6 +298,10 @@ class AudioTransformer(nn.Module):
 
 # --- cross-attention and the LM --------------------------------------------------------------------------------
 class MaskedCrossAttention(nn.Module):
+    # Off (the original): a row whose media are all masked attends evenly over the padding. On (af2-jax's rule, for
+    # text-only requests): its attention output is zero.
+    zero_without_media = False
+
     def __init__(self, dim, media_dim, heads=8, dim_head=64):
         super().__init__()
         self.heads, self.scale = heads, dim_head ** -0.5
@@ -316,7 +320,10 @@ class MaskedCrossAttention(nn.Module):
         sim = torch.matmul(q, k.transpose(-1, -2))
         sim = sim.masked_fill(~media_mask.bool()[:, None, None, :], -torch.finfo(sim.dtype).max)
         attn = (sim - sim.amax(dim=-1, keepdim=True).detach()).softmax(dim=-1)
-        return self.to_out(torch.matmul(attn, v).transpose(1, 2).reshape(b, t, -1))
+        out = torch.matmul(attn, v).transpose(1, 2).reshape(b, t, -1)
+        if self.zero_without_media:
+            out = out * media_mask.bool().any(dim=-1)[:, None, None]
+        return self.to_out(out)
 
 
 class GatedCrossAttentionBlock(nn.Module):
@@ -358,7 +365,9 @@ def qwen_config(raw: dict) -> Qwen2Config:
 class AF2Reference(nn.Module):
     """Whole model. `config` is the fixture `config.json` dict (or one with the same sections)."""
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, zero_without_media: bool = False):
+        """`zero_without_media`: af2-jax's rule for a row without audio (`MaskedCrossAttention`); off by default, as
+        the original."""
         super().__init__()
         self.raw = config
         qwen = qwen_config(config["qwen2_config"])
@@ -377,6 +386,9 @@ class AF2Reference(nn.Module):
             for i in range(qwen.num_hidden_layers)])
         self.lang_encoder.model.norm = Qwen2RMSNorm(qwen.hidden_size, eps=qwen.rms_norm_eps)
         self.rotary = Qwen2RotaryEmbedding(qwen)
+        for module in self.modules():
+            if isinstance(module, MaskedCrossAttention):
+                module.zero_without_media = zero_without_media
         self.eval()
 
     # weights
