@@ -100,7 +100,9 @@ class Sampling:
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-    """One question: `prompt` is a question (the prompt template is applied) or prompt ids used as they are.
+    """One question: `prompt` is a question (the prompt template is applied), a list of parts `{"text": str}` and
+    `{"audio": clip}` in any order (the texts joined with one space, the clips in order, before those of `audio`),
+    or prompt ids used as they are.
 
     `audio` is the question's clips: a file path, `(windows (W, 160000), mask (W,))` already loaded, a waveform
     `{"array": samples, "sampling_rate": rate}`, a list of these, or None / [] for a question without audio. Each clip
@@ -477,16 +479,16 @@ class Engine:
         from the thread driving the engine. Raises ValueError for a request that cannot be served and EngineFull
         when `max_pending` requests wait already."""
         turns = [(self._clips(audio), question, answer) for audio, question, answer in request.history]
-        clips = self._clips(request.audio)
-        if isinstance(request.prompt, str):
+        prompt, audio = _parts(request.prompt, request.audio)
+        clips = self._clips(audio)
+        if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("a text prompt needs the engine's tokenizer: Engine(model, tokenizer)")
-            prompt_ids = self.tokenizer.prompt_ids(request.prompt, len(clips),
-                                                   [(len(c), q, a) for c, q, a in turns])
+            prompt_ids = self.tokenizer.prompt_ids(prompt, len(clips), [(len(c), q, a) for c, q, a in turns])
         elif turns:
             raise ValueError("history needs a text prompt: prompt ids are used as they are")
         else:
-            prompt_ids = [int(i) for i in request.prompt]
+            prompt_ids = [int(i) for i in prompt]
         if not prompt_ids:
             raise ValueError("the prompt has no tokens")
         need = len(prompt_ids) + request.sampling.max_new_tokens
@@ -710,6 +712,23 @@ class Engine:
         if isinstance(audio, dict):
             return [waveform_windows(audio, self.max_windows, config=self.config.audio)]
         return [load_windows(audio, max_windows=self.max_windows, config=self.config.audio)]
+
+
+def _parts(prompt, audio):
+    """(question or ids, audio) of a request: a list of `{"text"}` / `{"audio"}` parts becomes its texts joined with
+    one space and its clips, in order, ahead of `audio`'s."""
+    if not (isinstance(prompt, list) and prompt and all(isinstance(part, dict) for part in prompt)):
+        return prompt, audio
+    texts, clips = [], []
+    for part in prompt:
+        if set(part) == {"text"} and isinstance(part["text"], str):
+            texts.append(part["text"])
+        elif set(part) == {"audio"}:
+            clips += part["audio"] if isinstance(part["audio"], list) else [part["audio"]]
+        else:
+            raise ValueError(f'a prompt part is {{"text": str}} or {{"audio": clip}}, got {str(part)[:60]}')
+    more = [] if audio is None else audio if isinstance(audio, list) else [audio]
+    return " ".join(texts), clips + more
 
 
 def compile_note() -> str:

@@ -113,3 +113,26 @@ def test_a_manifest_of_one_clip_two_clips_and_none_runs_in_order(tmp_path, cli_l
         assert line.get("audio") == it.get("audio") and isinstance(line["answer"], str) and "error" not in line
     assert lines[0]["answer"] == "three"
     assert infer_cli(args) == 0 and output.read_text().count("\n") == 4
+
+
+def test_parts_in_any_order_give_the_same_prompt(tmp_path):
+    """Text-first and audio-first parts give identical ids: the clips' `<audio>` first, then the texts joined with
+    one space."""
+    import af2_jax
+    from af2_jax.checkpoint.resolve import DEMO_CHECKPOINT
+    from tests.helpers import REPO
+
+    beeps = str(REPO / "infer" / "examples" / "three_beeps.flac")
+    model = af2_jax.load(DEMO_CHECKPOINT, dtype="float32")
+    tokenizer = af2_jax.load_tokenizer(DEMO_CHECKPOINT)
+    engine = af2_jax.Engine(model, tokenizer, slots=1)
+    orders = [[{"text": "How many"}, {"audio": beeps}, {"text": "beeps?"}],
+              [{"audio": beeps}, {"text": "How many"}, {"text": "beeps?"}]]
+    handles = [engine.submit(Request(parts)) for parts in orders]
+    t = tokenizer.tokens
+    assert handles[0].prompt_ids == handles[1].prompt_ids == tokenizer.prompt_ids("How many beeps?")
+    assert handles[0].prompt_ids[0] == t.media and handles[0].prompt_ids.count(t.media) == 1
+    for handle in handles:
+        engine.cancel(handle)
+    engine.step()
+    assert all(h.result().finish_reason == "cancelled" for h in handles)
