@@ -118,7 +118,8 @@ def test_cancel_frees_the_slot_and_limits_are_one_line(golden, engine):
 
 
 def test_the_programs_stay_within_the_bound(engine):
-    """Every request above (windows 1..2, prompts of one bucket) ran on at most the stated bound of programs."""
+    """Every request above (windows 1..2, prompts of one bucket) ran on at most the stated bound of programs (this
+    engine serves test_requests.py later, which adds requests without audio)."""
     assert 0 < engine.programs.count <= EnginePrograms.bound(len({bucket_windows(w) for w in (1, 2)}), 1)
 
 

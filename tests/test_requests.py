@@ -23,15 +23,15 @@ def _prompt(golden, clips: int, words: int = 5):
 def test_two_clips_in_one_question_equal_the_reference(golden, fixture_model):
     """Two clips: their windows in order, two `<audio>` tokens, every text token seeing all windows."""
     audio = golden.inputs["audio_x"]
-    first, second = audio[0, :2], audio[1, :1]
+    first, second = audio[0, :1], audio[1, :1]
     ids = _prompt(golden, clips=2)
-    engine = engine_for(fixture_model(golden, scan_layers=False), slots=2)
-    ours = engine.run([Request(ids, [(first, np.ones(2, np.float32)), (second, np.ones(1, np.float32))],
+    engine = engine_for(fixture_model(golden, scan_layers=False))  # the engine of test_engine.py: compiled already
+    ours = engine.run([Request(ids, [(first, np.ones(1, np.float32)), (second, np.ones(1, np.float32))],
                                Sampling(max_new_tokens=6, ignore_eos=True))])[0].tokens
     both = np.concatenate([first, second])[None]
     t = torch.from_numpy
     expected = golden.reference.generate_greedy(t(np.asarray([ids])), t(np.ones((1, len(ids)), np.int64)), t(both),
-                                                t(np.ones((1, 3), np.float32)), 6, -1, 0)[0, len(ids):]
+                                                t(np.ones((1, 2), np.float32)), 6, -1, 0)[0, len(ids):]
     assert ours == expected.tolist()
 
 
@@ -53,7 +53,7 @@ def test_a_question_without_audio_runs_no_encoder_and_equals_the_reference(golde
     calls = []
     encoder = type(model.audio_encoder)
     monkeypatch.setattr(encoder, "__call__", lambda self, *a, **k: calls.append(1))
-    engine = engine_for(model, slots=2)
+    engine = engine_for(model)
     encoders = sum(key[0] == "encode" for key in engine.programs.keys())
     ours = engine.run([Request(ids, None, Sampling(max_new_tokens=5, ignore_eos=True))])[0].tokens
     assert calls == [] and sum(key[0] == "encode" for key in engine.programs.keys()) == encoders
@@ -83,12 +83,13 @@ def test_a_waveform_gives_the_windows_of_the_same_audio_in_a_file(tmp_path):
 
 def test_more_than_thirty_windows_in_all_is_one_line(golden, fixture_model):
     clip = (golden.inputs["audio_x"][0, :1][np.zeros(12, int)], np.ones(12, np.float32))
-    engine = engine_for(fixture_model(golden, scan_layers=False), slots=2)
+    engine = engine_for(fixture_model(golden, scan_layers=False))
     with pytest.raises(ValueError, match="36 windows in all, over the limit of 30"):
         engine.submit(Request(_prompt(golden, clips=3), [clip, clip, clip]))
 
 
-def test_a_manifest_of_one_clip_two_clips_and_none_runs_in_order(tmp_path, cli_logging):
+@pytest.mark.slow
+def test_a_manifest_of_one_clip_two_clips_and_none_runs_in_order(tmp_path, cli_logging, capsys):
     """On the demo model: single-clip, two-clip and text-only items, answered and written in input order, each
     line echoing its "audio" as given; a rerun finds every id answered."""
     import json
@@ -113,6 +114,10 @@ def test_a_manifest_of_one_clip_two_clips_and_none_runs_in_order(tmp_path, cli_l
         assert line.get("audio") == it.get("audio") and isinstance(line["answer"], str) and "error" not in line
     assert lines[0]["answer"] == "three"
     assert infer_cli(args) == 0 and output.read_text().count("\n") == 4
+    # --prompt alone: a question without audio, on the command line.
+    assert infer_cli(["--checkpoint", str(DEMO_CHECKPOINT), "--prompt", "Is it loud?", "--max-new-tokens", "4",
+                      "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["prompt"] == "Is it loud?"
 
 
 def test_parts_in_any_order_give_the_same_prompt(tmp_path):

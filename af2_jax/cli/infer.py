@@ -203,7 +203,8 @@ def _run_files(args, engine, tokenizer, items) -> int:
     from af2_jax.engine import Request
 
     main = is_main_process()  # every process decodes; only process 0 prints
-    requests = [Request(it.prompt_ids, (it.windows, it.window_mask), args.sampling) for it in items]
+    requests = [Request(it.prompt_ids, (it.windows, it.window_mask) if len(it.windows) else None, args.sampling)
+                for it in items]
     if args.stream:
         for path, item, request in zip(args.audio or ["(no audio)"], items, requests):
             if main:
