@@ -178,24 +178,8 @@ class Group(NamedTuple):
     stop: jax.Array  # (S, 1 + MAX_STOP_IDS) stop ids, -1 = none
 
 
-class Row(NamedTuple):
-    """One prefilled request, ready to be inserted into a group (batch 1)."""
-
-    cache: object
-    media_kv: object
-    media_mask: jax.Array
-    key_valid: jax.Array
-    last: jax.Array
-    position: jax.Array
-    index: jax.Array
-    count: jax.Array
-    max_new: jax.Array
-    running: jax.Array
-    temperature: jax.Array
-    top_k: jax.Array
-    top_p: jax.Array
-    key: jax.Array
-    stop: jax.Array
+# One prefilled request, ready to be inserted into a group: a group of one row.
+Row = Group
 
 
 def sample_rows(logits, keys, temperature, top_k, top_p):
@@ -232,12 +216,17 @@ def _encode(state, audio, audio_mask, *, graphdef):
     return model.media_kv(media), media_mask
 
 
-def _blank(state, *, graphdef, windows: int, tokens_per_window: int, media_dim: int, dtype):
-    """The cross-attention K/V and mask of a request without audio: zeros, all masked (no weights are read)."""
-    model = nnx.merge(graphdef, state)
-    media = jax.ShapeDtypeStruct((1, windows * tokens_per_window, media_dim), dtype)
+def _zero_media(model, rows: int, windows: int, tokens_per_window: int, media_dim: int, dtype):
+    """All-masked zero cross-attention K/V (per-layer values) and mask `(rows, windows * tokens_per_window)`, shaped
+    by tracing `media_kv` (no weights are read)."""
+    media = jax.ShapeDtypeStruct((rows, windows * tokens_per_window, media_dim), dtype)
     media_kv = jax.tree.map(lambda spec: jnp.zeros(spec.shape, spec.dtype), jax.eval_shape(model.media_kv, media))
     return media_kv, jnp.zeros(media.shape[:2], jnp.float32)
+
+
+def _blank(state, *, graphdef, windows: int, tokens_per_window: int, media_dim: int, dtype):
+    """The cross-attention K/V and mask of a request without audio."""
+    return _zero_media(nnx.merge(graphdef, state), 1, windows, tokens_per_window, media_dim, dtype)
 
 
 def _prefill(state, media_kv, media_mask, ids, length, sampling, *, graphdef, max_len: int):
@@ -265,11 +254,9 @@ def _empty_group(state, *, graphdef, slots: int, windows: int, max_len: int, tok
                  dtype):
     """A group of `slots` free rows (zeros: no weights are read)."""
     model = nnx.merge(graphdef, state)
-    media = jax.ShapeDtypeStruct((slots, windows * tokens_per_window, media_dim), dtype)
-    zeros = lambda spec: jnp.zeros(spec.shape, spec.dtype)  # noqa: E731
-    media_kv = jax.tree.map(zeros, jax.eval_shape(model.media_kv, media))
+    media_kv, media_mask = _zero_media(model, slots, windows, tokens_per_window, media_dim, dtype)
     rows = lambda dtype, fill=0: jnp.full((slots,), fill, dtype)  # noqa: E731
-    return Group(model.init_cache(slots, max_len), media_kv, jnp.zeros(media.shape[:2], jnp.float32),
+    return Group(model.init_cache(slots, max_len), media_kv, media_mask,
                  jnp.zeros((slots, max_len), bool), rows(jnp.int32), rows(jnp.int32), rows(jnp.int32),
                  rows(jnp.int32), rows(jnp.int32, 1), rows(bool), rows(jnp.float32), rows(jnp.int32),
                  rows(jnp.float32, 1), jax.random.split(jax.random.key(0), slots),
