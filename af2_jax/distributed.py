@@ -13,7 +13,8 @@ log = logging.getLogger(__name__)
 _POD_SIGNS = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS")
 
 
-def _launched_on_a_pod() -> bool:
+def multi_process_launch() -> bool:
+    """Whether the environment says this process is one of several (a TPU pod, SLURM, an explicit coordinator)."""
     if os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") >= 1:
         return True
     if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
@@ -32,7 +33,7 @@ def maybe_initialize_distributed(coordinator: str | None = None, num_processes: 
             raise ValueError("--coordinator, --num-processes and --process-id go together; pass all three")
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                    process_id=process_id)
-    elif _launched_on_a_pod():
+    elif multi_process_launch():
         jax.distributed.initialize()
     else:
         return False

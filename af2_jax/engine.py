@@ -107,8 +107,9 @@ class Request:
     `audio` is the question's clips: a file path, `(windows (W, 160000), mask (W,))` already loaded, a waveform
     `{"array": samples, "sampling_rate": rate}`, a list of these, or None / [] for a question without audio. Each clip
     is windowed on its own (cut to the engine's `max_windows`); the request's windows, in order, may total 30.
-    `history` holds earlier turns `(audio, question, answer)`, oldest first (`AF2Tokenizer.prompt_ids` says how
-    they enter the prompt; the released model was trained on single turns)."""
+    `history` holds earlier turns `(audio, question, answer)`, oldest first, each question a text or parts as
+    `prompt` (`AF2Tokenizer.prompt_ids` says how they enter the prompt; the released model was trained on single
+    turns)."""
 
     prompt: str | Sequence[int]
     audio: object = None
@@ -118,6 +119,16 @@ class Request:
 
 class EngineFull(RuntimeError):
     """More requests are waiting than the engine's `max_pending`; retry later (the server answers 429)."""
+
+
+class DoesNotFit(ValueError):
+    """A request's prompt and `max_new_tokens` need more cache positions than the engine's `max_len` holds."""
+
+    def __init__(self, prompt_tokens: int, max_new_tokens: int, max_len: int):
+        self.prompt_tokens, self.max_new_tokens, self.max_len = prompt_tokens, max_new_tokens, max_len
+        super().__init__(f"the prompt ({prompt_tokens} tokens) and max_new_tokens ({max_new_tokens}) need "
+                         f"{prompt_tokens + max_new_tokens} cache positions, over the engine's max_len {max_len}; "
+                         "ask for fewer new tokens or use a larger max_len")
 
 
 @dataclasses.dataclass
@@ -465,7 +476,10 @@ class Engine:
         handle. `on_token(tokens)` receives its new tokens as they are decoded and `on_done(completion)` its end,
         from the thread driving the engine. Raises ValueError for a request that cannot be served and EngineFull
         when `max_pending` requests wait already."""
-        turns = [(self._clips(audio), question, answer) for audio, question, answer in request.history]
+        turns = []
+        for audio, question, answer in request.history:
+            question, audio = _parts(question, audio)
+            turns.append((self._clips(audio), question, answer))
         prompt, audio = _parts(request.prompt, request.audio)
         clips = self._clips(audio)
         if isinstance(prompt, str):
@@ -480,9 +494,7 @@ class Engine:
             raise ValueError("the prompt has no tokens")
         need = len(prompt_ids) + request.sampling.max_new_tokens
         if need > self.max_len:
-            raise ValueError(f"the prompt ({len(prompt_ids)} tokens) and max_new_tokens "
-                             f"({request.sampling.max_new_tokens}) need {need} cache positions, over the engine's "
-                             f"max_len {self.max_len}; ask for fewer new tokens or use a larger max_len")
+            raise DoesNotFit(len(prompt_ids), request.sampling.max_new_tokens, self.max_len)
         every = [clip for c, _, _ in turns for clip in c] + clips
         windows = np.concatenate([w for w, _ in every]) if every else \
             np.zeros((0, self.config.audio.window_samples), np.float32)
@@ -519,6 +531,16 @@ class Engine:
     @property
     def idle(self) -> bool:
         return not self._pending and self._active == 0
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued for a slot."""
+        return len(self._pending)
+
+    @property
+    def busy(self) -> int:
+        """Slots holding a request (being prefilled or decoding)."""
+        return self._active
 
     # --- the driving side ---------------------------------------------------------------------------------------
     def _drive(self, finished: threading.Event | None) -> None:

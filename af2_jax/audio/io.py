@@ -287,15 +287,29 @@ def load_windows(path, max_windows: int = 12, *, config: AudioConfig = _DEFAULT_
 
     `max_windows` may be 1..30 (30 windows = 5 minutes); audio beyond it is dropped with a logged warning.
     """
+    windows, mask, dropped = read_windows(path, max_windows, config=config, start_seconds=start_seconds)
+    if dropped:
+        log.warning("%s: %s", path, dropped_note(dropped, max_windows, config))
+    return windows, mask
+
+
+def read_windows(path, max_windows: int = 12, *, config: AudioConfig = _DEFAULT_AUDIO,
+                 start_seconds: float = 0.0) -> tuple[np.ndarray, np.ndarray, float]:
+    """`load_windows` that says instead of logging it: `(windows, mask, seconds of audio dropped past max_windows)`."""
     check_max_windows(max_windows)
     limit_seconds = max_windows * config.window_seconds
     samples, total_seconds = read_audio(path, max_seconds=limit_seconds, sample_rate=config.sample_rate,
                                         start_seconds=start_seconds)
-    if total_seconds > limit_seconds + 1e-6:
-        window = "1 window" if max_windows == 1 else f"{max_windows} windows"
-        log.warning("%s: %.1f s of audio is longer than max_windows=%d (%s of %g s); the last %.1f s were dropped",
-                    path, total_seconds, max_windows, window, config.window_seconds, total_seconds - limit_seconds)
-    return split_windows(samples, window_samples=config.window_samples, max_windows=max_windows)
+    dropped = total_seconds - limit_seconds if total_seconds > limit_seconds + 1e-6 else 0.0
+    return (*split_windows(samples, window_samples=config.window_samples, max_windows=max_windows), dropped)
+
+
+def dropped_note(dropped_seconds: float, max_windows: int, config: AudioConfig = _DEFAULT_AUDIO) -> str:
+    """What was cut from a clip longer than `max_windows` windows, in one phrase."""
+    kept = max_windows * config.window_seconds
+    window = "1 window" if max_windows == 1 else f"{max_windows} windows"
+    return (f"{kept + dropped_seconds:.1f} s of audio is longer than max_windows={max_windows} ({window} of "
+            f"{config.window_seconds:g} s); the last {dropped_seconds:.1f} s were dropped")
 
 
 def waveform_windows(waveform: dict, max_windows: int = 12, *, config: AudioConfig = _DEFAULT_AUDIO

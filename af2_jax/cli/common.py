@@ -10,8 +10,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 log = logging.getLogger("af2_jax")
 
@@ -142,3 +144,20 @@ def run_command(body: Callable[[], int], *, debug: bool = False, any_value_error
     except KeyboardInterrupt:
         print("interrupted (Ctrl-C); what was already written is kept", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def load_model(path: Path, why: str, *, dtype: str, mesh, scan_layers: bool = False):
+    """The checkpoint at `path` (chosen because `why`) loaded for serving, announced in one line: what, where, how
+    long."""
+    import jax
+
+    from af2_jax.checkpoint.native import load
+    from af2_jax.sharding import format_mesh
+
+    start = time.perf_counter()
+    model = load(path, dtype=dtype, mesh=mesh, scan_layers=scan_layers)
+    device = jax.devices()[0]
+    log.info("checkpoint: %s (%s); dtype %s; device %s (%s) x%d; mesh: %s; loaded in %.1f s",
+             path, why, dtype, device.platform, device.device_kind, jax.device_count(),
+             format_mesh(dict(mesh.shape)) if mesh else "none (single device)", time.perf_counter() - start)
+    return model

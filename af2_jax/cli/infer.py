@@ -40,7 +40,8 @@ from pathlib import Path
 import numpy as np
 
 from af2_jax.checkpoint.resolve import RELEASE_REPO
-from af2_jax.cli.common import EXIT_CODES, EXIT_INPUT, prog, run_command, setup_logging, warn_if_cpu_only
+from af2_jax.cli.common import (EXIT_CODES, EXIT_INPUT, load_model, prog, run_command, setup_logging,
+                               warn_if_cpu_only)
 from af2_jax.config import MAX_WINDOWS_LIMIT, check_max_windows
 from af2_jax.engine import Sampling
 
@@ -129,21 +130,6 @@ def main(argv=None) -> int:
     return run_command(lambda: _run(args), debug=args.debug)
 
 
-def _load(args, path: Path, why: str, mesh):
-    import jax
-
-    from af2_jax.checkpoint.native import load
-    from af2_jax.sharding import format_mesh
-
-    start = time.perf_counter()
-    model = load(path, dtype=args.dtype, mesh=mesh, scan_layers=args.scan_layers)
-    device = jax.devices()[0]
-    log.info("checkpoint: %s (%s); dtype %s; device %s (%s) x%d; mesh: %s; loaded in %.1f s",
-             path, why, args.dtype, device.platform, device.device_kind, jax.device_count(),
-             format_mesh(dict(mesh.shape)) if mesh else "none (single device)", time.perf_counter() - start)
-    return model
-
-
 def _run(args) -> int:
     from af2_jax.checkpoint.folder import read_config
     from af2_jax.checkpoint.resolve import resolve_checkpoint
@@ -174,7 +160,7 @@ def _run(args) -> int:
             items = [prepare(tokenizer, audio, args.prompt, args.max_windows, config.audio) for audio in args.audio]
             log.info("audio: %d file(s), %d window(s) loaded in %.2f s", len(items),
                      sum(it.windows.shape[0] for it in items), time.perf_counter() - start)
-        model = _load(args, path, why, mesh)
+        model = load_model(path, why, dtype=args.dtype, mesh=mesh, scan_layers=args.scan_layers)
         # A few files need no more slots than files (on a CPU a step costs about its slot count).
         slots = args.slots if job is not None else min(args.slots, slots_for(len(items), mesh))
         engine = engine_for(model, tokenizer, slots=slots, mesh=mesh,
