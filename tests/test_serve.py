@@ -46,7 +46,7 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = Path(os.environ["AF2_JAX_HOME"]).parent / f"serve_{self.port}.log"
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "af2_jax.serve", "--port", str(self.port), "--dtype", "float32", *flags],
+            [sys.executable, "-m", "af2_jax.serve", "--port", str(self.port), *flags],
             stdout=subprocess.DEVNULL, stderr=open(self.log, "w"), env=env, cwd=REPO)
 
     def wait_healthy(self, timeout: float) -> float:
@@ -99,8 +99,8 @@ def servers(clip_dir):
     infer = subprocess.Popen([sys.executable, "-m", "af2_jax.infer", "--audio", str(DEMO_CLIP), "--prompt",
                               DEMO_QUESTION, "--dtype", "float32"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, cwd=REPO)
-    main = ServerProcess("--allowed-local-dir", str(clip_dir))
-    limited = ServerProcess("--slots", "1", "--max-queue", "1", "--max-body-mb", "1", "--api-key", KEY,
+    main = ServerProcess("--dtype", "float32", "--allowed-local-dir", str(clip_dir))
+    limited = ServerProcess("--dtype", "float32", "--slots", "1", "--max-queue", "1", "--max-body-mb", "1", "--api-key", KEY,
                             "--max-len", "2304", "--request-timeout", str(TIMEOUT_S), "--strict-model-name")
     try:
         out, err = infer.communicate(timeout=300)
@@ -194,6 +194,26 @@ def test_models_health_and_file_urls(server, clip_dir):
                                                      _text("?"))})
         assert reply.status_code == 403 and reply.json()["error"]["code"] == "forbidden_path", url
     assert httpx.get(f"{server.url}/v1/nothing").json()["error"]["code"] == "not_found"
+
+
+def test_earlier_turns_enter_the_prompt_by_the_history_rule(server, tokenizer):
+    clip = _audio_part(DEMO_CLIP.read_bytes())
+    reply = server.client().chat.completions.create(model="m", messages=[
+        {"role": "user", "content": [clip, _text("How many beeps?")]},
+        {"role": "assistant", "content": "three"},
+        {"role": "user", "content": [_text("Are you"), _text("sure?")]}])
+    expected = tokenizer.prompt_ids("Are you sure?", clips=0, history=[(1, "How many beeps?", "three")])
+    assert reply.usage.prompt_tokens == len(expected) and reply.usage.model_extra["audio_windows"] == 1
+
+
+@pytest.mark.slow
+def test_the_demo_server_is_healthy_within_60_s_with_a_cold_compile_cache(tmp_path):
+    cold = ServerProcess(env={**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla")})
+    try:
+        cold.wait_healthy(60)
+        assert "warm-up (min) done" in cold.output()
+    finally:
+        cold.stop()
 
 
 def test_sixteen_concurrent_clients_get_their_solo_answers(server):
