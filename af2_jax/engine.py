@@ -8,7 +8,9 @@ others keep their caches, so a short answer never waits for a long one.
 
 The group's cross-attention K/V are as wide as the widest request in flight (a window bucket): a wider request widens
 them as it joins, and they narrow again once the widest has left, so a one-window request pays for a neighbour's
-thirty windows only while that neighbour decodes. One group reads the weights once per step; a group per window
+thirty windows only while that neighbour decodes. Likewise the group has as many rows as the smallest row bucket
+holding its requests (`row_buckets`): a step computes every row, so a request alone decodes as fast as on a
+one-slot engine, and rows are compacted as requests leave. One group reads the weights once per step; a group per window
 bucket would read them once per group, which costs more than the padding for every released model (`docs/design.md`
 has the figures). Padded windows are masked: their keys get exactly zero weight.
 
@@ -38,7 +40,7 @@ from flax import nnx
 
 from af2_jax.audio.io import load_windows, waveform_windows
 from af2_jax.config import MAX_WINDOWS_LIMIT, check_max_windows
-from af2_jax.sharding import activation_sharding, check_batch_splits
+from af2_jax.sharding import activation_sharding, check_batch_splits, data_parallel_size
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,13 @@ def bucket_prompt(length: int) -> int:
 
 def bucket_rows(count: int) -> int:
     return 1 << (count - 1).bit_length()
+
+
+def row_buckets(slots: int, data: int = 1) -> tuple[int, ...]:
+    """The row counts a slot group takes: `data` (the data-parallel devices, over which rows split) times powers of
+    two, up to `slots`. A group has the fewest rows holding its requests: a step computes every row, so one request
+    alone decodes as fast as on a one-slot engine."""
+    return tuple(sorted({min(slots, data << k) for k in range(slots.bit_length() + 1)}))
 
 
 def bucket_windows(count: int) -> int:
@@ -83,8 +92,8 @@ class Sampling:
         # every logit into NaN or zero, and sampling then returns garbage.
         if not 0 <= self.temperature < math.inf:
             raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_k is not None and not 1 <= self.top_k < 2 ** 31:
+            raise ValueError(f"top_k must be in 1..2**31-1, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.seed < 2 ** 63:
@@ -151,6 +160,7 @@ class Handle:
         self.engine, self.request, self.number = engine, request, number
         self.prompt_ids, self.windows, self.window_mask = prompt_ids, windows, window_mask
         self.on_token, self.on_done = on_token, on_done
+        self.notes: list[str] = []  # what was cut from its prompt (also logged)
         self.tokens: list[int] = []
         self.completion: Completion | None = None
         self.cancelled = False
@@ -207,7 +217,7 @@ def sample_rows(logits, keys, temperature, top_k, top_p):
         probs = jax.nn.softmax(ranked, axis=-1)
         # Keep the smallest prefix whose mass reaches top_p (the best token always stays): its last value is the
         # threshold every kept logit reaches.
-        kept = (jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]
+        kept = ((jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]) | (jnp.arange(vocab)[None] == 0)
         threshold = jnp.min(jnp.where(kept, ranked, jnp.inf), axis=-1)
         masked = jnp.where(scaled >= threshold[:, None], scaled, -jnp.inf)
         return jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, masked).astype(jnp.int32)
@@ -305,6 +315,16 @@ def _resize(state, group: Group, *, graphdef, tokens: int):
     return group._replace(media_kv=media_kv, media_mask=media_mask)
 
 
+def _regroup(state, group: Group, take, *, graphdef):
+    """The group's rows rearranged into `take.shape[0]` rows: new row i is row `take[i]`, or a free row where
+    `take[i]` is -1. How the row count follows the requests in flight; a row's values move unchanged."""
+    model = nnx.merge(graphdef, state)
+    index = jnp.maximum(take, 0)
+    rest = [x[index] for x in group[2:]]
+    moved = Group(model.take_rows(group.cache, index), model.take_rows(group.media_kv, index), *rest)
+    return moved._replace(running=moved.running & (take >= 0))
+
+
 def _decode(state, group: Group, *, graphdef, steps: int):
     """Up to `steps` tokens for every running row, stopping early once a row finishes (so its slot is freed at
     once) or none runs. Returns the group and the new tokens `(S, steps)` (-1 where a row made none)."""
@@ -345,7 +365,7 @@ class EnginePrograms:
     `plan` sizes exactly what serving runs."""
 
     FUNCTIONS = {"encode": "_encode", "blank": "_blank", "group": "_empty_group", "prefill": "_prefill",
-                 "insert": "_insert", "resize": "_resize", "decode": "_decode"}
+                 "insert": "_insert", "resize": "_resize", "regroup": "_regroup", "decode": "_decode"}
 
     def __init__(self, graphdef, config, *, mesh=None, capacity: int = 256, announce: Callable[[str], None] = None):
         self.graphdef, self.config, self.mesh, self.capacity = graphdef, config, mesh, capacity
@@ -354,12 +374,14 @@ class EnginePrograms:
         self._programs: collections.OrderedDict = collections.OrderedDict()
 
     @staticmethod
-    def bound(windows: int, prompts: int) -> int:
-        """Programs that serving requests of `windows` window buckets and `prompts` prompt buckets can need: per
-        window bucket an encode, a group set-up and a decode; per (window, prompt) bucket a prefill; per pair of a
-        group width and a narrower or equal request an insert; per ordered pair of widths a resize; and the blank
-        K/V of requests without audio."""
-        return windows * (3 + prompts) + windows * (windows + 1) // 2 + windows * (windows - 1) + 1
+    def bound(windows: int, prompts: int, rows: int = 1) -> int:
+        """Programs that serving requests of `windows` window buckets and `prompts` prompt buckets on `rows` row
+        buckets (`Engine.row_buckets`) can need: per window bucket an encode; per (window, prompt) bucket a prefill;
+        per (row, window) bucket a group set-up and a decode; per row bucket, an insert per pair of a group width and
+        a narrower or equal request and a resize per ordered pair of widths; per width a regroup per ordered pair
+        of row buckets; and the blank K/V of requests without audio."""
+        return (windows * (1 + prompts) + rows * windows * 2 + rows * windows * (windows + 1) // 2
+                + rows * windows * (windows - 1) + rows * (rows - 1) * windows + 1)
 
     @property
     def count(self) -> int:
@@ -457,6 +479,7 @@ class Engine:
         check_max_windows(self.max_windows, "max_windows=")
         self.slots, self.max_len, self.max_pending, self.mesh = slots, max_len, max_pending, mesh
         self.steps_per_call = steps_per_call
+        self.row_buckets = row_buckets(slots, data_parallel_size(mesh))
         self.graphdef, self.state = nnx.split(model)
         self.programs = EnginePrograms(self.graphdef, self.config, mesh=mesh, announce=self._announce)
         # Seconds spent (compiling apart) and tokens made, over the engine's life: callers take differences.
@@ -482,10 +505,12 @@ class Engine:
             turns.append((self._clips(audio), question, answer))
         prompt, audio = _parts(request.prompt, request.audio)
         clips = self._clips(audio)
+        notes: list[str] = []
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("a text prompt needs the engine's tokenizer: Engine(model, tokenizer)")
-            prompt_ids = self.tokenizer.prompt_ids(prompt, len(clips), [(len(c), q, a) for c, q, a in turns])
+            prompt_ids = self.tokenizer.prompt_ids(prompt, len(clips), [(len(c), q, a) for c, q, a in turns],
+                                                   notes=notes)
         elif turns:
             raise ValueError("history needs a text prompt: prompt ids are used as they are")
         else:
@@ -509,6 +534,9 @@ class Engine:
             self._submitted += 1
             handle = Handle(self, request, prompt_ids, windows, window_mask, on_token, on_done, self._submitted)
             self._pending.append(handle)
+        for note in notes:
+            log.warning(note)
+        handle.notes = notes
         return handle
 
     def cancel(self, handle: Handle) -> None:
@@ -542,6 +570,11 @@ class Engine:
         """Slots holding a request (being prefilled or decoding)."""
         return self._active
 
+    @property
+    def rows(self) -> int:
+        """Rows of the slot group now (a row bucket; 0 while nothing is in flight)."""
+        return 0 if self._group is None else len(self._group.rows)
+
     # --- the driving side ---------------------------------------------------------------------------------------
     def _drive(self, finished: threading.Event | None) -> None:
         """One step from this thread, unless another thread is stepping (then wait a moment for it)."""
@@ -561,7 +594,6 @@ class Engine:
                 group.state = group.state._replace(running=group.state.running.at[row].set(False))
                 self._free(row)
                 self._finish(handle, "cancelled")
-        self._fit()
         with self._lock:
             for handle in [h for h in self._pending if h.cancelled]:
                 self._pending.remove(handle)
@@ -570,6 +602,7 @@ class Engine:
             self._active += len(admitted)
         self._announced = False
         self._admitted = len(admitted)
+        self._fit(len(admitted))
         for handle in admitted:
             self._start(handle)
         decoded = self._group is not None
@@ -629,7 +662,7 @@ class Engine:
         """The group, made (or widened to) at least `windows` windows wide."""
         group = self._group
         if group is None:
-            statics = dict(slots=self.slots, windows=windows, max_len=self.max_len,
+            statics = dict(slots=self._rows_for(self._active), windows=windows, max_len=self.max_len,
                            tokens_per_window=self.config.htsat.tokens_per_window,
                            media_dim=self.config.audio_transformer.d_model, dtype=self.model.dtype)
             group = self._group = _Slots(windows, self.programs.run("group", (self.state,), **statics))
@@ -654,24 +687,35 @@ class Engine:
             if not running[row]:
                 self._free(row)
                 self._finish(handle, self._reason(handle))
-        self._fit()
+        self._fit(min(len(self._pending), self.slots - self._active))
 
     def _free(self, row: int) -> None:
         self._group.rows[row] = None
         with self._lock:
             self._active -= 1
 
-    def _fit(self) -> None:
-        """The group narrowed to what the requests in it need, or gone when none is left (its memory goes back
-        until the next request)."""
+    def _fit(self, incoming: int) -> None:
+        """The group fitted to the requests it holds and `incoming` more: as many rows as the smallest row bucket
+        holding them all (the held rows first, in their order), as wide as the widest held request; gone when none
+        is held or coming (its memory goes back until the next request)."""
         group = self._group
         if group is None:
             return
-        widest = max((bucket_windows(h.windows.shape[0]) for h in group.rows if h is not None), default=0)
-        if not widest:
+        held = [row for row, handle in enumerate(group.rows) if handle is not None]
+        if not held and not incoming:
             self._group = None
-        elif widest < group.windows:
+            return
+        widest = max((bucket_windows(group.rows[row].windows.shape[0]) for row in held), default=0)
+        rows = self._rows_for(len(held) + incoming)
+        if rows != len(group.rows):
+            take = np.asarray(held + [-1] * (rows - len(held)), np.int32)
+            group.state = self.programs.run("regroup", (self.state, group.state, take))
+            group.rows = [group.rows[row] for row in held] + [None] * (rows - len(held))
+        if 0 < widest < group.windows:
             self._resize(widest)
+
+    def _rows_for(self, count: int) -> int:
+        return next(rows for rows in self.row_buckets if rows >= count)
 
     def _emit(self, handle: Handle, tokens: list[int]) -> None:
         if not tokens:

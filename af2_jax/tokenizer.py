@@ -162,7 +162,8 @@ class AF2Tokenizer:
         pieces = backend.pre_tokenizer.pre_tokenize_str(text) if backend.pre_tokenizer is not None else [(text, None)]
         return [token.id for piece, _ in pieces for token in backend.model.tokenize(piece)]
 
-    def prompt_ids(self, question: str, clips: int = 1, history: Sequence[tuple[int, str, str]] = ()) -> list[int]:
+    def prompt_ids(self, question: str, clips: int = 1, history: Sequence[tuple[int, str, str]] = (), *,
+                   notes: list[str] | None = None) -> list[int]:
         """The prompt of a question about `clips` clips after earlier turns, at most `max_prompt_tokens` ids.
 
         A turn is `<audio>` x its clips, its text lowercased and stripped, then `<SEP>`; AF2 saw exactly `<audio>` +
@@ -171,8 +172,10 @@ class AF2Tokenizer:
         text goes through `encode_plain`: the special ids come from the template only. Over the limit, whole earliest
         turns are dropped (with a warning); a last turn alone over it keeps its `<audio>` tokens, the first tokens
         of its question and `<SEP>` (the original cut the whole sequence, which loses `<SEP>`, and the answer, what
-        follows the last `<SEP>`, then became the prompt itself)."""
+        follows the last `<SEP>`, then became the prompt itself). What was cut is a warning, or appended to `notes`
+        when given."""
         t = self.tokens
+        say = notes.append if notes is not None else lambda note: warnings.warn(note, stacklevel=3)
         ids = self._turn(clips, question)
         turns = [self._turn(k, q) + self.encode_plain(a.lower().strip()) + [t.end_of_chunk] for k, q, a in history]
         dropped = 0
@@ -180,12 +183,12 @@ class AF2Tokenizer:
             turns.pop(0)
             dropped += 1
         if dropped:
-            warnings.warn(f"the conversation is over the {self.max_prompt_tokens} prompt tokens allowed; its "
-                          f"{dropped} earliest turn(s) are left out", stacklevel=2)
+            say(f"the conversation is over the {self.max_prompt_tokens} prompt tokens allowed; its {dropped} earliest "
+                "turn(s) are left out")
         if len(ids) > self.max_prompt_tokens:
             kept = self.max_prompt_tokens - clips - 1
-            warnings.warn(f"the prompt has {len(ids)} tokens, over the {self.max_prompt_tokens} allowed; only the "
-                          f"first {kept} tokens of the question are used (ask a shorter question)", stacklevel=2)
+            say(f"the prompt has {len(ids)} tokens, over the {self.max_prompt_tokens} allowed; only the first {kept} "
+                "tokens of the question are used (ask a shorter question)")
             ids = ids[: clips + kept] + ids[-1:]
         return [token for turn in turns for token in turn] + ids
 

@@ -10,7 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from af2_jax.engine import Engine, EngineFull, EnginePrograms, Request, Sampling, bucket_prompt, bucket_windows
+from af2_jax.engine import (Engine, EngineFull, EnginePrograms, Request, Sampling, bucket_prompt, bucket_windows,
+                            sample_rows)
 from af2_jax.generate import engine_for
 
 
@@ -44,16 +45,29 @@ def engine(engine_model):
 
 
 def test_staggered_arrivals_get_their_solo_tokens(golden, engine):
+    """... while the group's rows follow the requests in flight: after every step, the smallest row bucket holding
+    the requests in it and those that can join next."""
     requests = _requests(golden)
     solo = [engine.run([r])[0].tokens for r in requests]
+    rows = []
+
+    def step():
+        engine.step()
+        need = engine.busy + min(engine.waiting, engine.slots - engine.busy)
+        assert engine.rows == (min(r for r in engine.row_buckets if r >= need) if need else 0)
+        rows.append(engine.rows)
+
     handles = [engine.submit(r) for r in requests[:2]]  # arrival 1
-    engine.step()
-    engine.step()
+    step()
+    step()
     handles += [engine.submit(r) for r in requests[2:7]]  # arrival 2: the first two are mid-decode
-    engine.step()
+    step()
     handles += [engine.submit(r) for r in requests[7:]]  # arrival 3: more requests than slots, some wait
     assert engine.slots < len(requests)
+    while not all(h.done() for h in handles):
+        step()
     assert [h.result().tokens for h in handles] == solo
+    assert {1, 2, 8} <= set(rows), rows
     assert all(len(t) == r.sampling.max_new_tokens or t[-1] == golden.config.tokens.eos
                for t, r in zip(solo, requests))
 
@@ -117,10 +131,21 @@ def test_cancel_frees_the_slot_and_limits_are_one_line(golden, engine):
         Sampling(max_new_tokens=0)
 
 
+def test_sampling_keeps_the_best_token_whatever_top_p():
+    """A top_p that float32 holds as 0 still keeps the most likely token (and only it): never a row with every
+    logit masked, which samples garbage."""
+    logits = jax.numpy.asarray(np.random.default_rng(0).standard_normal((2, 50)), jax.numpy.float32)
+    keys = jax.random.split(jax.random.key(0), 2)
+    tokens = sample_rows(logits, keys, np.ones(2, np.float32), np.zeros(2, np.int32),
+                         np.asarray([1e-45, 0.0], np.float32))
+    assert (np.asarray(tokens) == np.asarray(logits).argmax(-1)).all()
+
+
 def test_the_programs_stay_within_the_bound(engine):
     """Every request above (windows 1..2, prompts of one bucket) ran on at most the stated bound of programs (this
     engine serves test_requests.py later, which adds requests without audio)."""
-    assert 0 < engine.programs.count <= EnginePrograms.bound(len({bucket_windows(w) for w in (1, 2)}), 1)
+    assert 0 < engine.programs.count <= EnginePrograms.bound(len({bucket_windows(w) for w in (1, 2)}), 1,
+                                                             len(engine.row_buckets))
 
 
 def test_slots_must_split_over_the_data_axes(engine_model):
@@ -165,4 +190,5 @@ def test_a_manifest_compiles_at_most_the_stated_bound(small_checkpoint, tokenize
     assert [json.loads(line)["id"] for line in output.read_text().splitlines()] == [it["id"] for it in items]
     windows = {bucket_windows(w) for w in range(1, 9)}
     prompts = {bucket_prompt(n) for n in range(1, 65)}
-    assert engine.programs.count - before <= EnginePrograms.bound(len(windows), len(prompts))
+    assert engine.programs.count - before <= EnginePrograms.bound(len(windows), len(prompts),
+                                                                  len(engine.row_buckets))

@@ -194,6 +194,7 @@ def test_models_health_and_file_urls(server, clip_dir):
                                                      _text("?"))})
         assert reply.status_code == 403 and reply.json()["error"]["code"] == "forbidden_path", url
     assert httpx.get(f"{server.url}/v1/nothing").json()["error"]["code"] == "not_found"
+    assert httpx.post(f"{server.url}/v1/chat/completions/", json={}).json()["error"]["code"] == "not_found"
 
 
 def test_earlier_turns_enter_the_prompt_by_the_history_rule(server, tokenizer):
@@ -273,6 +274,13 @@ BAD_REQUESTS = [  # (what, body or raw bytes, status, error code, param)
     ("temperature 5", {"messages": _question(_text("hi")), "temperature": 5}, 400, "invalid_value", "temperature"),
     ("31 windows", {"messages": _question(*[_audio_part(_beeps(1, 500), "wav")] * 31, _text("?"))}, 400,
      "too_much_audio", "messages"),
+    ("deeply nested JSON", b'{"messages": ' + b"[" * 100000 + b"]" * 100000 + b"}", 400, "invalid_json", None),
+    ("a lone surrogate", b'{"messages": [{"role": "user", "content": "\\ud800 hi"}]}', 400, "invalid_value",
+     "messages[0].content"),
+    ("a lone surrogate in a path", b'{"messages": [{"role": "user", "content": [{"type": "audio_url", "audio_url": '
+     b'{"url": "file:///tmp/\\udcff.wav"}}]}]}', 400, "invalid_value", "messages[0].content[0].audio_url.url"),
+    ("top_k past int32", {"messages": _question(_text("hi")), "temperature": 1, "top_k": 2 ** 31}, 400,
+     "invalid_value", "top_k"),
 ]
 
 
@@ -285,6 +293,13 @@ def test_bad_input_is_a_4xx_json_error_and_the_server_goes_on(server, what, body
     assert "Traceback" not in reply.text
     good = _post(server, {"messages": _question(_audio_part(DEMO_CLIP.read_bytes()), _text(DEMO_QUESTION))})
     assert good.status_code == 200 and good.json()["choices"][0]["message"]["content"]
+
+
+def test_a_long_question_is_cut_with_a_warning(server):
+    reply = _post(server, {"messages": _question(_text("beep " * 600)), "max_tokens": 1}).json()
+    assert reply["usage"]["prompt_tokens"] == 512
+    assert reply["warnings"] == ["the prompt has 602 tokens, over the 512 allowed; only the first 511 tokens of "
+                                 "the question are used (ask a shorter question)"]
 
 
 def test_a_long_clip_is_cut_with_a_warning_and_stop_strings_cut_the_answer(server):
@@ -373,12 +388,29 @@ def test_queue_full_is_429_and_a_disconnect_frees_the_slot(limited):
     assert reply.status_code == 200 and time.monotonic() - start < 10
 
 
+def _partial_upload(server: ServerProcess) -> socket.socket:
+    """A connection that sent its headers and part of a 1000-byte body, then stalls."""
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: 1000\r\n\r\n{\"messages\": ")
+    return sock
+
+
 def test_a_request_past_the_timeout_is_504_and_frees_its_slot(limited):
+    """... and a body that stalls gets 408 in the same time; one whose client leaves is counted, quietly."""
+    cancelled = limited.metric('af2_requests_total{outcome="cancelled"}')
+    stalled, gone = _partial_upload(limited), _partial_upload(limited)
+    gone.close()
     reply = _post(limited, {"model": "demo_model", "messages": _question(_text("Count.")), "max_tokens": 2250,
                             "ignore_eos": True}, headers={"Authorization": f"Bearer {KEY}"})
     assert reply.status_code == 504 and reply.json()["error"]["code"] == "timeout"
     assert _eventually(lambda: limited.metric("af2_busy_slots") == 0, 2)
     assert limited.metric('af2_requests_total{outcome="timeout"}') == 1
+    stalled.settimeout(5)
+    assert stalled.recv(1000).startswith(b"HTTP/1.1 408 ")
+    stalled.close()
+    assert limited.metric('af2_requests_total{outcome="cancelled"}') == cancelled + 1
+    assert "Traceback" not in limited.output()
 
 
 def test_sigterm_finishes_the_request_in_flight_refuses_new_ones_and_exits_0(server):

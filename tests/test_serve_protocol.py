@@ -90,6 +90,12 @@ def test_turns_parts_in_order_history_and_ignored_system_messages():
     ({"messages": [{"role": "user", "content": "q"}], "stop": [""]}, "stop", "invalid_value"),
     ({"messages": [{"role": "user", "content": "q"}], "stream": "yes"}, "stream", "invalid_value"),
     ({"messages": [{"role": "user", "content": "q"}], "ignore_eos": 1}, "ignore_eos", "invalid_value"),
+    ({"messages": [{"role": "user", "content": "q"}], "n": True}, "n", "invalid_value"),
+    ({"messages": [{"role": "user", "content": "q"}], "top_k": 2 ** 31}, "top_k", "invalid_value"),
+    ({"messages": [{"role": "user", "content": "\ud800"}]}, "messages[0].content", "invalid_value"),
+    ({"messages": [{"role": "user", "content": "q"}], "stop": ["\udc00"]}, "stop", "invalid_value"),
+    ({"messages": [{"role": "user", "content": [{"type": "audio_url", "audio_url": {"url": "file:///a%00.wav"}}]}]},
+     "messages[0].content[0].audio_url.url", "invalid_value"),
 ])
 def test_refused_fields_name_the_param(body, param, code):
     refused = _refused(body)

@@ -107,7 +107,10 @@ def _open(path):
     try:
         return soundfile.SoundFile(path)
     except soundfile.LibsndfileError as err:
-        raise _fail(path, f"cannot be decoded as audio ({err.error_string}); convert it to wav/flac/ogg/mp3") from None
+        # For bytes it cannot parse as mp3, libsndfile says the file does not exist; it does (`_check_path`).
+        problem = "not a format it recognises, or corrupt" if "does not exist" in err.error_string \
+            else err.error_string
+        raise _fail(path, f"cannot be decoded as audio ({problem}); convert it to wav/flac/ogg/mp3") from None
     except RuntimeError as err:  # older soundfile versions raise RuntimeError
         raise _fail(path, f"cannot be decoded as audio ({err}); convert it to wav/flac/ogg/mp3") from None
 

@@ -157,6 +157,11 @@ class AF2Model(nnx.Module):
         values of the same layout with fewer rows: how a request enters a serving slot."""
         return self.layers.write_rows(per_layer, rows, index)
 
+    def take_rows(self, per_layer, index):
+        """Per-layer values (`media_kv`, `init_cache`) of batch rows `index` (an int array), in its order: how the
+        serving group's rows are rearranged."""
+        return self.layers.take_rows(per_layer, index)
+
     def cached_step(self, input_ids, positions, mask, media_kv, media_mask, cache, index):
         """The LM on `input_ids` `(B, T)` written into the KV cache from position `index` on (a scalar, or `(B,)`,
         one per row), attending over the whole cache

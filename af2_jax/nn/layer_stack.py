@@ -76,6 +76,10 @@ class StackedLayers(nnx.Module):
         return jax.tree.map(lambda values, new: jax.lax.dynamic_update_slice_in_dim(values, new, index, axis=1),
                             per_layer, rows)
 
+    def take_rows(self, per_layer, index):
+        """Per-layer values of batch rows `index` (an int array), in its order."""
+        return jax.tree.map(lambda values: jnp.take(values, index, axis=1), per_layer)
+
     def layer_slots(self, prefix: str, variables) -> list[Slot]:
         return [Slot(prefix + path, (var,), layered=True) for path, var in variables]
 
@@ -115,6 +119,10 @@ class LayerList(nnx.List):
     def write_rows(self, per_layer, rows, index):
         return tuple(jax.tree.map(lambda values, new: jax.lax.dynamic_update_slice_in_dim(values, new, index, axis=0),
                                   layer_values, layer_rows) for layer_values, layer_rows in zip(per_layer, rows))
+
+    def take_rows(self, per_layer, index):
+        return tuple(jax.tree.map(lambda values: jnp.take(values, index, axis=0), layer_values)
+                     for layer_values in per_layer)
 
     def layer_slots(self, prefix: str, variables) -> list[Slot]:
         groups: dict[str, dict[int, nnx.Variable]] = {}

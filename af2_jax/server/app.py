@@ -20,6 +20,7 @@ import uuid
 import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -33,11 +34,12 @@ from af2_jax.server.protocol import (APIError, AnswerText, AudioSource, ChatRequ
 from af2_jax.server.runner import EngineFailed, EngineRunner, Stream
 from af2_jax.tokenizer import TokenizerError
 
-log = logging.getLogger("af2_jax.server")
 access_log = logging.getLogger("af2_jax.server.access")
 
 RETRY_AFTER_S = 1  # what a 429 tells the client to wait
-
+BODY_TIMEOUT_S = 60  # a body must arrive within this (or --request-timeout, if shorter): a stalled upload holds a
+# connection
+CLIENT_GONE = 499  # nginx's status for a request whose client went away: logged and counted, never seen
 
 @dataclasses.dataclass(frozen=True)
 class ServerOptions:
@@ -64,11 +66,19 @@ class _Outcome:
 
 
 def _status_outcome(status: int) -> str:
-    return {429: "rejected", 504: "timeout"}.get(status, "error" if status >= 500 else "invalid")
+    return {429: "rejected", 504: "timeout", CLIENT_GONE: "cancelled"}.get(status,
+                                                                           "error" if status >= 500 else "invalid")
+
+
+class _ErrorJSON(JSONResponse):
+    """Error bodies as ASCII JSON: a message may quote what the client sent, which need not be encodable text."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
 
 
 def _error_response(err: APIError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+    return _ErrorJSON(err.body(), status_code=err.status, headers=err.headers)
 
 
 def _sse(payload: dict) -> str:
@@ -112,7 +122,7 @@ class ChatServer:
             outcome(_status_outcome(err.status))
             return _error_response(err)
         rid = f"chatcmpl-{request.state.request_id}"
-        warnings = list(chat.warnings) + notes
+        warnings = list(chat.warnings) + notes + stream.handle.notes
         if chat.stream:
             return StreamingResponse(self._stream(stream, chat, rid, arrived, warnings, outcome),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -131,6 +141,23 @@ class ChatServer:
                            headers={"WWW-Authenticate": "Bearer"})
 
     async def _json(self, request: HTTPRequest):
+        """The body as JSON: 413 over the size limit, 408 when it does not arrive in time, 400 when it is not
+        JSON; a client gone before sending it all ends the request."""
+        timeout = min(BODY_TIMEOUT_S, self.options.request_timeout)
+        try:
+            body = await asyncio.wait_for(self._body(request), timeout)
+        except TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {timeout:g} s", code="request_timeout") \
+                from None
+        except ClientDisconnect:
+            raise APIError(CLIENT_GONE, "the client went away while sending the body", code="client_gone") from None
+        try:
+            return json.loads(body)
+        except (ValueError, UnicodeDecodeError, RecursionError) as err:
+            problem = "nested too deeply" if isinstance(err, RecursionError) else str(err)
+            raise APIError(400, f"the request body is not valid JSON ({problem})", code="invalid_json") from None
+
+    async def _body(self, request: HTTPRequest) -> bytes:
         limit = int(self.options.max_body_mb * 2 ** 20)
         too_large = APIError(413, f"the request body is over the server's limit of {self.options.max_body_mb:g} MB "
                                   "(--max-body-mb); send shorter or more compressed audio (flac, mp3, ogg)",
@@ -143,10 +170,7 @@ class ChatServer:
             body += chunk
             if len(body) > limit:
                 raise too_large
-        try:
-            return json.loads(body)
-        except (ValueError, UnicodeDecodeError) as err:
-            raise APIError(400, f"the request body is not valid JSON ({err})", code="invalid_json") from None
+        return bytes(body)
 
     def _engine_request(self, chat: ChatRequest) -> tuple[Request, int, list[str]]:
         """The engine's request for `chat`, its audio read and windowed (blocking: runs in a worker thread), with
@@ -318,7 +342,7 @@ async def _http_error(request: HTTPRequest, err: HTTPException) -> Response:
 
 
 async def _server_error(request: HTTPRequest, err: Exception) -> Response:
-    log.error("request %s failed", request.state.request_id, exc_info=err)
+    """A failure of ours (uvicorn logs its traceback; the access line has the request id)."""
     return _error_response(APIError(500, "internal server error; the server log has the details",
                                     code="internal_error", kind="server_error"))
 
@@ -342,5 +366,6 @@ def create_app(runner: EngineRunner, tokenizer, options: ServerOptions) -> Starl
                             Route("/metrics", server.metrics_text, methods=["GET"])],
                     exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _server_error},
                     lifespan=lifespan)
+    app.router.redirect_slashes = False  # /v1/chat/completions/ is a 404, not a redirect a client would not follow
     app.state.server = server
     return _RequestIds(app)

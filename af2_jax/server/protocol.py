@@ -106,7 +106,7 @@ def parse_chat(body) -> ChatRequest:
 
 def _refuse_unsupported(body: dict) -> None:
     n = body.get("n", 1)
-    if n is not None and n != 1:
+    if n is not None and (isinstance(n, bool) or n != 1):
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise _invalid(f"n must be a positive integer, got {n!r}", "n")
         raise _unsupported(f"n={n}: one answer per request only; send {n} requests (with different seeds)", "n")
@@ -155,7 +155,7 @@ def _turns(messages, warnings: list[str]) -> list[Turn]:
 
 def _user_parts(content, where: str) -> list:
     if isinstance(content, str):
-        return [{"text": content}]
+        return [{"text": _string(content, where)}]
     if not isinstance(content, list) or not content:
         raise _invalid(f"{where} must be a string or a non-empty list of content parts", where)
     parts = []
@@ -163,9 +163,7 @@ def _user_parts(content, where: str) -> list:
         at = f"{where}[{j}]"
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text":
-            if not isinstance(part.get("text"), str):
-                raise _invalid(f"{at}.text must be a string", f"{at}.text")
-            parts.append({"text": part["text"]})
+            parts.append({"text": _string(part.get("text"), f"{at}.text")})
         elif kind == "input_audio":
             parts.append(_input_audio(part.get("input_audio"), at))
         elif kind == "audio_url":
@@ -214,9 +212,9 @@ def _audio_url(value, at: str) -> AudioSource:
         return AudioSource(at, data=_base64(payload, param), format=fmt)
     if url.startswith("file://"):
         parsed = urllib.parse.urlparse(url)
-        path = urllib.parse.unquote(parsed.path)
-        if parsed.netloc not in ("", "localhost") or not path.startswith("/"):
-            raise _invalid(f"{param}: a file URL is file:///absolute/path", param)
+        path = _string(urllib.parse.unquote(parsed.path), param)
+        if parsed.netloc not in ("", "localhost") or not path.startswith("/") or "\0" in path:
+            raise _invalid(f"{param}: a file URL is file:///absolute/path (no NUL bytes)", param)
         return AudioSource(at, path=path)
     raise APIError(400, f"{param}: only data: and file:// URLs are read (the server fetches nothing remote); send "
                         "the audio as input_audio or a data: URL", param=param, code="unsupported_url")
@@ -224,11 +222,23 @@ def _audio_url(value, at: str) -> AudioSource:
 
 def _assistant_text(content, where: str) -> str:
     if isinstance(content, str):
-        return content
+        return _string(content, where)
     if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
                                          and isinstance(p.get("text"), str) for p in content):
-        return " ".join(p["text"] for p in content)
+        return _string(" ".join(p["text"] for p in content), where)
     raise _invalid(f"{where}: an assistant message's content is a string or text parts", where)
+
+
+def _string(value, param: str) -> str:
+    """A string that is text: JSON's escapes can spell half of a UTF-16 pair, which no encoder takes."""
+    if not isinstance(value, str):
+        raise _invalid(f"{param} must be a string", param)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _invalid(f"{param} holds a lone UTF-16 surrogate (an escape like \\ud800 without its pair); send "
+                       "valid text", param) from None
+    return value
 
 
 def _number(body: dict, name: str, low: float, high: float, default):
@@ -271,7 +281,7 @@ def _sampling(body: dict) -> Sampling:
     if seed is None:  # OpenAI: without a seed, sampled answers differ from call to call
         seed = secrets.randbits(63)
     return Sampling(max_new_tokens=DEFAULT_MAX_TOKENS if max_new is None else max_new, temperature=float(temperature),
-                    top_k=_integer(body, "top_k", 1), top_p=None if top_p is None else float(top_p), seed=seed,
+                    top_k=_integer(body, "top_k", 1, 2 ** 31 - 1), top_p=None if top_p is None else float(top_p), seed=seed,
                     ignore_eos=_boolean(body, "ignore_eos"))
 
 
@@ -282,7 +292,7 @@ def _stop(stop) -> tuple[str, ...]:
     if not isinstance(stops, list) or len(stops) > MAX_STOP_STRINGS \
             or not all(isinstance(s, str) and s for s in stops):
         raise _invalid(f"stop must be a non-empty string or a list of up to {MAX_STOP_STRINGS} of them", "stop")
-    return tuple(stops)
+    return tuple(_string(s, "stop") for s in stops)
 
 
 class AnswerText:

@@ -135,23 +135,30 @@ class EngineRunner:
     def _warm_up(self) -> None:
         """Compiles what the first requests need, by serving one request per shape (`warmup_shapes`), each
         listed with its time."""
-        shapes = warmup_shapes(self.warmup, self.engine.max_len)
+        engine = self.engine
+        shapes = warmup_shapes(self.warmup, engine.max_len)
         if not shapes:
             return
         start = time.perf_counter()
         for windows, prompt in shapes:
             begun = time.perf_counter()
-            self.engine.run([warmup_request(self.engine, windows, prompt)])
+            engine.run([warmup_request(engine, windows, prompt)])
             what = f"{windows} window(s)" if windows else "no audio"
             log.info("warm-up: %s, prompt bucket %d: %.1f s", what, prompt, time.perf_counter() - begun)
-        log.info("warm-up (%s) done: %d shapes in %.1f s, %d compiled programs", self.warmup, len(shapes),
-                 time.perf_counter() - start, self.engine.programs.count)
+        for windows in sorted({w for w, _ in shapes if w}):
+            for rows in engine.row_buckets[1:]:  # a group of `rows` requests at once: its set-up, insert and decode
+                begun = time.perf_counter()
+                engine.run([warmup_request(engine, windows, shapes[0][1]) for _ in range(rows)])
+                log.info("warm-up: %d window(s), %d rows: %.1f s", windows, rows, time.perf_counter() - begun)
+        log.info("warm-up (%s) done in %.1f s, %d compiled programs (regrouping rows compiles on first use)",
+                 self.warmup, time.perf_counter() - start, engine.programs.count)
 
 
 def warmup_shapes(level: str, max_len: int) -> list[tuple[int, int]]:
-    """(window bucket, prompt bucket) pairs to serve once at start-up; 0 windows is a question without audio (its
-    blank K/V program). `min`: one window and prompts up to 64; `all`: every window bucket by every prompt bucket
-    that fits `max_len` (cross-attention groups of mixed widths still compile on first use)."""
+    """(window bucket, prompt bucket) pairs to serve once at start-up, alone and then (at the first prompt bucket)
+    as a group of every row bucket; 0 windows is a question without audio (its blank K/V program). `min`: one window
+    and prompts up to 64; `all`: every window bucket by every prompt bucket that fits `max_len` (groups of mixed
+    widths still compile on first use)."""
     prompts = sorted({min(bucket_prompt(n), max_len) for n in range(1, max_len - 1)})
     if level == "min":
         return [(1, p) for p in prompts if p in MIN_WARMUP_PROMPTS] + [(0, prompts[0])]
