@@ -8,9 +8,9 @@ others keep their caches, so a short answer never waits for a long one.
 
 The group's cross-attention K/V are as wide as the widest request in flight (a window bucket): a wider request widens
 them as it joins, and they narrow again once the widest has left, so a one-window request pays for a neighbour's
-thirty windows only while that neighbour decodes. Likewise the group has as many rows as the smallest row bucket
-holding its requests (`row_buckets`): a step computes every row, so a request alone decodes as fast as on a
-one-slot engine, and rows are compacted as requests leave. One group reads the weights once per step; a group per window
+thirty windows only while that neighbour decodes. On a CPU the group likewise has as many rows as the smallest row
+bucket holding its requests (`row_buckets`): a step computes every row there, so a request alone decodes as fast as
+on a one-slot engine; rows are compacted as requests leave. One group reads the weights once per step; a group per window
 bucket would read them once per group, which costs more than the padding for every released model (`docs/design.md`
 has the figures). Padded windows are masked: their keys get exactly zero weight.
 
@@ -59,10 +59,16 @@ def bucket_rows(count: int) -> int:
     return 1 << (count - 1).bit_length()
 
 
-def row_buckets(slots: int, data: int = 1) -> tuple[int, ...]:
-    """The row counts a slot group takes: `data` (the data-parallel devices, over which rows split) times powers of
-    two, up to `slots`. A group has the fewest rows holding its requests: a step computes every row, so one request
-    alone decodes as fast as on a one-slot engine."""
+def row_buckets(slots: int, data: int = 1, elastic: bool = True) -> tuple[int, ...]:
+    """The row counts a slot group takes: elastic, `data` (the data-parallel devices, over which rows split) times
+    powers of two up to `slots`, and the group has the fewest rows holding its requests; else always `slots`.
+
+    Elastic rows pay where a step's cost grows with its rows: on a CPU, which computes every row, one request alone
+    then decodes as fast as on a one-slot engine (4-5x faster than in a 16-row group for the benchmark model). On
+    an accelerator a decoding step costs its weight reads whatever the rows, and every row bucket is one more
+    decode program per window bucket to compile (tens of seconds each for the release), so rows stay fixed."""
+    if not elastic:
+        return (slots,)
     return tuple(sorted({min(slots, data << k) for k in range(slots.bit_length() + 1)}))
 
 
@@ -366,6 +372,9 @@ class EnginePrograms:
 
     FUNCTIONS = {"encode": "_encode", "blank": "_blank", "group": "_empty_group", "prefill": "_prefill",
                  "insert": "_insert", "resize": "_resize", "regroup": "_regroup", "decode": "_decode"}
+    # The programs that take the group and return its next state of the same shapes update it in place: without
+    # donation every call would copy every row's caches (a step's memory traffic again, for nothing).
+    DONATES_GROUP = ("insert", "decode")
 
     def __init__(self, graphdef, config, *, mesh=None, capacity: int = 256, announce: Callable[[str], None] = None):
         self.graphdef, self.config, self.mesh, self.capacity = graphdef, config, mesh, capacity
@@ -402,7 +411,7 @@ class EnginePrograms:
         start = time.perf_counter()
         fn = functools.partial(globals()[self.FUNCTIONS[kind]], graphdef=self.graphdef, **statics)
         with activation_sharding(self.mesh, self.config):
-            program = jax.jit(fn).lower(*args).compile()
+            program = jax.jit(fn, donate_argnums=(1,) if kind in self.DONATES_GROUP else ()).lower(*args).compile()
         self.compile_s += time.perf_counter() - start
         self._programs[key] = program
         if len(self._programs) > self.capacity:
@@ -461,14 +470,16 @@ class Engine:
 
     `slots`: requests decoding at once; `max_len`: each slot's text cache (prompt + new tokens); `max_pending`:
     requests that may wait for a slot before `submit` raises `EngineFull`; `mesh`: the mesh the model was loaded on
-    (`slots` must split over its data x fsdp axes); `steps_per_call`: decoding steps per compiled call.
+    (`slots` must split over its data x fsdp axes); `steps_per_call`: decoding steps per compiled call;
+    `elastic_rows`: whether the group's rows follow the requests in flight (`row_buckets`; default: on the CPU only).
 
     Nothing runs in the background: `Handle.result()` and `run` drive the engine from the calling thread (one thread
     at a time; the others wait for their results), so a process that submits the same requests in the same order
     makes the same decisions, which is what a mesh spanning processes needs."""
 
     def __init__(self, model, tokenizer=None, *, slots: int = 8, max_len: int = 768, max_pending: int = 64,
-                 mesh=None, steps_per_call: int = 8, max_windows: int | None = None):
+                 mesh=None, steps_per_call: int = 8, max_windows: int | None = None,
+                 elastic_rows: bool | None = None):
         if slots < 1 or max_len < 2 or max_pending < 1 or steps_per_call < 1:
             raise ValueError(f"slots {slots}, max_len {max_len}, max_pending {max_pending}, steps_per_call "
                              f"{steps_per_call}: need slots >= 1, max_len >= 2, max_pending >= 1, steps >= 1")
@@ -479,7 +490,8 @@ class Engine:
         check_max_windows(self.max_windows, "max_windows=")
         self.slots, self.max_len, self.max_pending, self.mesh = slots, max_len, max_pending, mesh
         self.steps_per_call = steps_per_call
-        self.row_buckets = row_buckets(slots, data_parallel_size(mesh))
+        elastic = jax.default_backend() == "cpu" if elastic_rows is None else elastic_rows
+        self.row_buckets = row_buckets(slots, data_parallel_size(mesh), elastic)
         self.graphdef, self.state = nnx.split(model)
         self.programs = EnginePrograms(self.graphdef, self.config, mesh=mesh, announce=self._announce)
         # Seconds spent (compiling apart) and tokens made, over the engine's life: callers take differences.

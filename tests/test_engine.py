@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from af2_jax.engine import (Engine, EngineFull, EnginePrograms, Request, Sampling, bucket_prompt, bucket_windows,
-                            sample_rows)
+                            row_buckets, sample_rows)
 from af2_jax.generate import engine_for
 
 
@@ -129,6 +129,12 @@ def test_cancel_frees_the_slot_and_limits_are_one_line(golden, engine):
         engine.submit(too_long)
     with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1"):
         Sampling(max_new_tokens=0)
+
+
+def test_row_buckets():
+    assert row_buckets(16) == (1, 2, 4, 8, 16) and row_buckets(12) == (1, 2, 4, 8, 12)
+    assert row_buckets(8, data=2) == (2, 4, 8) and row_buckets(6, data=3) == (3, 6)
+    assert row_buckets(16, elastic=False) == (16,)
 
 
 def test_sampling_keeps_the_best_token_whatever_top_p():
