@@ -14,6 +14,8 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300, 600)
 
 
 class ServerMetrics:
+    """The counters, gauges (read from the engine at each scrape) and histograms of one server."""
+
     CONTENT_TYPE = CONTENT_TYPE_LATEST
 
     def __init__(self, waiting: Callable[[], int], busy: Callable[[], int]):

@@ -71,6 +71,9 @@ class Turn:
 
 @dataclasses.dataclass(frozen=True)
 class ChatRequest:
+    """A checked chat-completion request: its turns, decoding rule, stop strings, streaming options, the model name
+    it asked for and what was ignored (`warnings`)."""
+
     turns: tuple[Turn, ...]  # earlier turns (with answers), then the question
     sampling: Sampling
     stop: tuple[str, ...]
