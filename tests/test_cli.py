@@ -60,6 +60,7 @@ def test_every_command_has_a_console_script_and_shows_the_exit_codes(capsys):
     ("convert", ["--dtype", "int3", "src"], ["/nonexistent/release", "--dry-run"], "/nonexistent/release"),
     ("plan", ["--batch", "many"], ["--mesh", "tensor=two"], "mesh spec 'tensor=two'"),
     ("audio", ["x.wav", "--max-windows", "0"], ["/nonexistent/clip.wav"], "/nonexistent/clip.wav"),
+    ("serve", ["--slots", "0"], ["--max-len", "40000"], "--max-len 40000 is over the model's 32768 positions"),
 ])
 def test_exit_codes(command, bad_argument, bad_input, message, capsys):
     main = importlib.import_module(COMMANDS[command]).main
@@ -70,6 +71,13 @@ def test_exit_codes(command, bad_argument, bad_input, message, capsys):
     assert main(bad_input) == cli.EXIT_INPUT
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_serve_refuses_a_multi_process_launch_in_one_line(monkeypatch, capsys):
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "host-a,host-b")
+    assert importlib.import_module(COMMANDS["serve"]).main([]) == cli.EXIT_INPUT
+    err = capsys.readouterr().err
+    assert err.startswith("error: this is one process of a multi-process launch") and err.count("\n") == 1, err
 
 
 def test_ctrl_c_is_130_and_says_what_is_kept(monkeypatch, capsys):

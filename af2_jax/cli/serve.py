@@ -104,7 +104,7 @@ def main(argv=None) -> int:
 
 
 def _listen(host: str, port: int) -> socket.socket:
-    """The listening socket, bound before the model loads so a taken port fails at once."""
+    """The listening socket (SO_REUSEADDR: a restart need not wait for the old one's TIME_WAIT)."""
     try:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -140,10 +140,14 @@ def _serve(args) -> int:
     mesh = make_mesh(args.mesh) if args.mesh else None
     if mesh is not None:
         check_batch_splits(mesh, args.slots, "--slots", fix="pass a multiple of {data}")
-    sock = _listen(args.host, args.port)
     path, why = resolve_checkpoint(args.checkpoint, dtype=args.dtype)
     config, _ = read_config(path)
+    positions = config.lm.max_position_embeddings
+    if args.max_len > positions:
+        raise ValueError(f"--max-len {args.max_len} is over the model's {positions} positions "
+                         f"(lm.max_position_embeddings in {path / 'config.json'}); pass --max-len {positions} or less")
     tokenizer = load_tokenizer(path, config.tokens)
+    sock = _listen(args.host, args.port)  # before the model loads, so a taken port fails at once
     model = load_model(path, why, dtype=args.dtype, mesh=mesh)
 
     def make_engine() -> Engine:
