@@ -1,9 +1,10 @@
 """The serving engine: requests decode in slots with continuous batching, on compiled programs the engine owns.
 
 A request is encoded (HTSAT, the audio transformer and every layer's cross-attention K/V; batch 1, at its own window
-bucket), prefilled (its prompt written into a fresh text cache of `max_len` positions and its first token sampled;
-batch 1) and inserted into a free row of the slot group, where it decodes with the other requests, several steps per
-compiled call, until it stops; the row is then free for the next request. New requests join between calls while the
+bucket), prefilled (its prompt but the last token written into a fresh text cache of `max_len` positions; batch 1)
+and inserted into a free row of the slot group, where it decodes with the other requests, several steps per
+compiled call, until it stops; the row is then free for the next request. Its first decoding step reads the
+prompt's last token and samples the first new one, so a prefill computes no logits. New requests join between calls while the
 others keep their caches, so a short answer never waits for a long one.
 
 The group's cross-attention K/V are as wide as the widest request in flight (a window bucket): a wider request widens
@@ -257,24 +258,23 @@ def _blank(state, *, graphdef, windows: int, tokens_per_window: int, media_dim: 
 
 
 def _prefill(state, media_kv, media_mask, ids, length, sampling, *, graphdef, max_len: int):
-    """A prompt `ids (1, P)` whose first `length` tokens are real (right padding) into a fresh text cache, and its
-    first new token. Returns the request's `Row`."""
+    """A prompt `ids (1, P)` whose first `length` tokens are real (right padding) into a fresh text cache, all but
+    its last token: the request's `Row`, whose first decoding step reads the last token and samples the first new
+    one. So a prefill computes no logits: the output projection (the tied embedding, the largest single weight) is
+    read once per step for every row in the group instead of once more per request."""
     model = nnx.merge(graphdef, state)
     prompt = ids.shape[1]
-    real = jnp.arange(prompt)[None] < length[:, None]  # (1, P)
+    before = length - 1
+    real = jnp.arange(prompt)[None] < before[:, None]  # (1, P)
     key_valid = jnp.concatenate([real, jnp.zeros((1, max_len - prompt), bool)], axis=1)
     positions = jnp.where(real, jnp.arange(prompt)[None], 0)
     causal = jnp.arange(max_len)[None, None, :] <= jnp.arange(prompt)[None, :, None]
-    hidden, cache = model.cached_step(ids, positions, causal & key_valid[:, None, :], media_kv, media_mask,
-                                      model.init_cache(1, max_len), 0)
+    _, cache = model.cached_step(ids, positions, causal & key_valid[:, None, :], media_kv, media_mask,
+                                 model.init_cache(1, max_len), 0)
     temperature, top_k, top_p, key, max_new, stop = sampling
-    last_hidden = jnp.take_along_axis(hidden, (length - 1)[:, None, None], axis=1)[:, 0]
-    first = sample_rows(model.logits(last_hidden), _token_keys(key, jnp.zeros((1,), jnp.int32)), temperature,
-                        top_k, top_p)
-    count = jnp.ones((1,), jnp.int32)
-    running = ~jnp.any(first[:, None] == stop, axis=-1) & (count < max_new)
-    return Row(cache, media_kv, media_mask, key_valid, first, length, length, count, max_new, running, temperature,
-               top_k, top_p, key, stop)
+    last = jnp.take_along_axis(ids, before[:, None], axis=1)[:, 0]
+    return Row(cache, media_kv, media_mask, key_valid, last, before, before, jnp.zeros((1,), jnp.int32), max_new,
+               jnp.ones((1,), bool), temperature, top_k, top_p, key, stop)
 
 
 def _empty_group(state, *, graphdef, slots: int, windows: int, max_len: int, tokens_per_window: int, media_dim: int,
@@ -332,8 +332,9 @@ def _regroup(state, group: Group, take, *, graphdef):
 
 
 def _decode(state, group: Group, *, graphdef, steps: int):
-    """Up to `steps` tokens for every running row, stopping early once a row finishes (so its slot is freed at
-    once) or none runs. Returns the group and the new tokens `(S, steps)` (-1 where a row made none)."""
+    """Up to `steps` tokens for every running row, stopping early once a row makes its first token (so it reaches
+    its caller at once) or finishes (so its slot is freed at once), or none runs. Returns the group and the new
+    tokens `(S, steps)` (-1 where a row made none)."""
     model = nnx.merge(graphdef, state)
     slots = group.last.shape[0]
     rows = jnp.arange(slots)
@@ -356,7 +357,7 @@ def _decode(state, group: Group, *, graphdef, steps: int):
         g = g._replace(cache=cache, key_valid=key_valid, last=jnp.where(g.running, token, g.last),
                        position=g.position + advance, index=g.index + advance, count=count,
                        running=g.running & ~stopped)
-        return step + 1, g, out, jnp.any(stopped & (advance > 0))
+        return step + 1, g, out, jnp.any((stopped | (count == 1)) & (advance > 0))
 
     out = jnp.full((slots, steps), -1, jnp.int32)
     _, group, out, _ = jax.lax.while_loop(cond, body, (0, group, out, False))
@@ -652,12 +653,6 @@ class Engine:
                         np.asarray([sampling.max_new_tokens], np.int32), stop)
         row = self._timed("prefill_s", "prefill", (self.state, media_kv, media_mask, ids,
                                                     np.asarray([length], np.int32), row_sampling), max_len=self.max_len)
-        self._emit(handle, [int(_to_host(row.last)[0])])
-        if not bool(_to_host(row.running)[0]):
-            with self._lock:
-                self._active -= 1
-            self._finish(handle, self._reason(handle))
-            return
         group = self._widened(windows)
         slot = group.rows.index(None)
         group.state = self._timed("prefill_s", "insert", (self.state, group.state, row, np.int32(slot)))

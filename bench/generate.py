@@ -8,8 +8,10 @@ decoding the way the original does (transformers' KV cache for the text, cross-a
 Small model (the issue's): LM hidden 512, 8 layers, 8 heads / 2 KV, intermediate 1536, vocab 151669, cross-attention
 at every layer, HTSAT embed 64 / depths 2-2-6-2, audio transformer 3 layers; 6 windows, 24-token prompt, 32 new
 tokens. Greedy, EOS disabled so every run decodes all tokens. Phases: encode = the audio path (HTSAT, audio
-transformer, and for JAX also every layer's cross-attention K/V); prefill = the text part of a 1-token run;
-decode tokens/s = (N - 1) * B / the engine's decode seconds of an N-token run. The reference is timed by
+transformer, and for JAX also every layer's cross-attention K/V); prefill = the text part of a 1-token run (for
+JAX the prompt but its last token, which the first decoding step reads); decode tokens/s = N * B / the engine's
+decode seconds of an N-token run for JAX, (N - 1) * B / the time past the 1-token run for the reference. The
+reference is timed by
 difference (its 1-token run minus its encode). Medians of --repeats runs after a warm-up run (which also compiles).
 On the CPU a "memory floor" row bounds what any implementation can decode: the bytes one step must read (weights,
 K/V, cache) at the best rate this machine streams a 1 GB matrix through a product with as many rows as the batch
@@ -64,13 +66,13 @@ def inputs(config: AF2Config, batch, windows, prompt_len):
 
 def bench_jax(model, audio, audio_mask, ids, mask, new_tokens, repeats):
     """Phases from the engine's own timings (`generate` runs on it): encode (audio + every layer's cross-attention
-    K/V), prefill (prompt into the cache, first token, slot insertion), decode (the N - 1 further tokens)."""
+    K/V), prefill (the prompt but its last token into the cache, slot insertion), decode (all N new tokens)."""
     run = lambda: generate(model, ids, mask, audio, audio_mask, max_new_tokens=new_tokens, eos_token_id=NO_EOS)  # noqa
     compile_s = run().timings["compile_s"]
     outs = [run() for _ in range(repeats)]
     encode, prefill, decode = (statistics.median(o.timings[k] for o in outs) for k in ("encode_s", "prefill_s",
                                                                                       "decode_s"))
-    return {"encode": encode, "prefill": prefill, "decode_tps": (new_tokens - 1) * ids.shape[0] / decode,
+    return {"encode": encode, "prefill": prefill, "decode_tps": new_tokens * ids.shape[0] / decode,
             "total": encode + prefill + decode, "compile": compile_s, "tokens": outs[-1].tokens}
 
 
