@@ -133,7 +133,7 @@ def main():
     p.add_argument("--slots", type=int, default=16)
     p.add_argument("--new", type=int, default=32, help="tokens per request")
     p.add_argument("--concurrency", default="1,4,16")
-    p.add_argument("--rounds", type=int, default=3, help="timed requests per client")
+    p.add_argument("--rounds", type=int, default=3, help="timed requests per client (at least 8 in all)")
     p.add_argument("--infer-runs", type=int, default=3)
     p.add_argument("--port", type=int, default=8391)
     args = p.parse_args()
@@ -172,8 +172,9 @@ def main():
             results = {}
             for concurrency in levels:
                 # Untimed, the same load first: it compiles what this traffic needs (group sizes, regroups).
-                load(url, clips, concurrency, concurrency * args.rounds, args.new)
-                r = results[concurrency] = load(url, clips, concurrency, concurrency * args.rounds, args.new)
+                count = max(8, concurrency * args.rounds)
+                load(url, clips, concurrency, count, args.new)
+                r = results[concurrency] = load(url, clips, concurrency, count, args.new)
                 print(f"| {concurrency} | {r['requests']} | {r['rps']:.2f} | {r['tps']:.1f} | {r['p50']:.3f} | "
                       f"{r['p99']:.3f} | {r['ttft50']:.3f} | {r['ttft99']:.3f} |", flush=True)
         finally:
