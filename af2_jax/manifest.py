@@ -133,6 +133,14 @@ class ManifestJob:
         self.items = _read_manifest(manifest)
         if self.main:
             self._lock()
+        try:
+            return self._check_output()
+        except BaseException:
+            self.__exit__()  # `with` calls __exit__ only once __enter__ has returned: the lock is let go here
+            raise
+
+    def _check_output(self) -> ManifestJob:
+        manifest, output = self.manifest, self.output
         self.records, complete = _read_output(output)
         for it in self.items:
             old = self.records.get(it["id"])
@@ -156,6 +164,7 @@ class ManifestJob:
     def __exit__(self, *exc) -> bool:
         if self._lock_file is not None:
             self._lock_file.close()  # releases the lock
+            self._lock_file = None
         return False
 
     def _lock(self) -> None:
