@@ -139,23 +139,28 @@ def test_a_wrong_data_root_ends_the_run_at_once(tones, tmp_path, capsys, cli_log
 
 @pytest.mark.slow
 def test_sigterm_while_waiting_for_data_saves_and_exits_promptly(tones, tmp_path):
-    """The third batch never arrives (every read in the second pass over the 8 items hangs); SIGTERM breaks out of
-    the wait, saves step 2 and exits although reader threads still hang."""
+    """The third batch never arrives (from then on every read hangs: a mount that stopped answering); SIGTERM
+    breaks out of the wait, saves step 2 and exits although reader threads still hang.
+
+    The stall starts at the loop's third request for a batch, not at the second pass over the items: grain's
+    reader threads read ahead in any order, so a read of the second pass can start before one of the first."""
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(tiny_train_config(tones, tmp_path / "out", run={"steps": 6, "save_every": 10})))
     driver = f"""
-import sys, time
+import sys, threading, time
 from af2_jax.training import data
 load, batch = data.LoadExample.__call__, data.TrainBatches.__next__
-def hanging(self, item, seen=set()):  # grain's reader threads call this, reading ahead in any order
-    if item in seen:  # the second pass over the 8 items: a mount that stopped answering
+stalled = threading.Event()
+def hanging(self, item):  # grain's reader threads call this
+    if stalled.is_set():
         time.sleep(600)
-    seen.add(item)
     return load(self, item)
-def announced(self, calls=[]):  # the training loop calls this
+def announced(self, calls=[]):  # the training loop calls this, in its wait for data
     calls.append(1)
     if len(calls) == 3:
+        stalled.set()
         print("waiting for data", flush=True)
+        time.sleep(600)  # what was read ahead is not enough: the batch waits on reads that hang
     return batch(self)
 data.LoadExample.__call__, data.TrainBatches.__next__ = hanging, announced
 from af2_jax.cli.train import main
