@@ -16,7 +16,7 @@ import af2_jax
 from af2_jax.checkpoint.resolve import DEMO_CHECKPOINT
 from af2_jax.engine import Sampling
 from af2_jax.pipeline import answer_items, prepare
-from af2_jax.training.loop import normalise_answer
+from af2_jax.metrics import normalise
 from tests.helpers import REPO
 
 HELD_OUT_PER_TASK = 8
@@ -75,7 +75,7 @@ def test_demo_model_answers_held_out_items(demo, held_out):
         prepared = [prepare(tokenizer, str(folder / manifest["split_path"] / it["name"]), it["prompt"],
                             audio_config=model.config.audio) for it in items]
         answers = answer_items(model, tokenizer, prepared, Sampling(max_new_tokens=8))
-        results[task] = sum(normalise_answer(a) == normalise_answer(it["output"]) for a, it in zip(answers, items))
+        results[task] = sum(normalise(a) == normalise(it["output"]) for a, it in zip(answers, items))
     total = sum(results.values()) / (HELD_OUT_PER_TASK * len(results))
     assert total >= 0.85, results
     assert all(correct >= HELD_OUT_PER_TASK // 2 for correct in results.values()), results

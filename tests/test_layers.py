@@ -15,7 +15,7 @@ LAYERS = {
     "af2_jax.nn": 1,
     "af2_jax.checkpoint": 2,
     "af2_jax.engine": 3, "af2_jax.generate": 3, "af2_jax.pipeline": 3, "af2_jax.manifest": 3, "af2_jax.planning": 3,
-    "af2_jax.training": 3,
+    "af2_jax.training": 3, "af2_jax.metrics": 3,
     "af2_jax": 4,  # the package root: the public API, built on every library layer
     "af2_jax.server": 4,
     "af2_jax.cli": 5,

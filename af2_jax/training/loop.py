@@ -36,6 +36,7 @@ from af2_jax.checkpoint.native import load as load_checkpoint, save as save_chec
 from af2_jax.config import AF2Config, preset
 from af2_jax.distributed import is_main_process
 from af2_jax.engine import Sampling
+from af2_jax.metrics.exact import normalise
 from af2_jax.nn.af2 import AF2Model
 from af2_jax.pipeline import answer_items, prepare
 from af2_jax.sharding import (activation_sharding, batch_sharding, check_batch_splits, format_mesh,
@@ -409,13 +410,10 @@ def validation_loss(eval_fn, state, frozen, valid: dict, load, batch_size: int, 
     return out
 
 
-def normalise_answer(text: str) -> str:
-    return " ".join(str(text).lower().strip().split())
-
-
 def exact_match(model, tokenizer, valid: dict, config: TrainConfig) -> tuple[dict, dict]:
-    """Greedy answers to every readable validation item: exact match after lower-casing and whitespace folding, per
-    set (`valid/<set>/exact_match`), and each set's first `SAMPLE_ANSWERS` (prompt, reference, answer) rows."""
+    """Greedy answers to every readable validation item: exact match (`af2_jax.metrics.exact.normalise`: case,
+    whitespace and one trailing period folded), per set (`valid/<set>/exact_match`), and each set's first
+    `SAMPLE_ANSWERS` (prompt, reference, answer) rows."""
     out, samples = {}, {}
     for name, items in valid.items():
         correct = readable = 0
@@ -431,7 +429,7 @@ def exact_match(model, tokenizer, valid: dict, config: TrainConfig) -> tuple[dic
             if chunk:
                 answers = answer_items(model, tokenizer, [p for _, p in chunk],
                                        Sampling(max_new_tokens=config.run.eval_max_new_tokens))
-                correct += sum(normalise_answer(a) == normalise_answer(it.output)
+                correct += sum(normalise(a) == normalise(it.output)
                                for a, (it, _) in zip(answers, chunk))
                 readable += len(chunk)
                 samples[name] += [(it.prompt, it.output, a) for a, (it, _) in zip(answers, chunk)][
