@@ -49,3 +49,45 @@ def test_f1_counted_by_hand():
     # per label: dog 1, rain 1, cat 0, wind 0
     assert f1_macro(predictions, references) == pytest.approx(0.5)
     assert f1_micro([], []) == f1_macro([], []) == 0.0
+
+
+CAPTIONS = [  # 5 clips, a prediction and 3 references each
+    ("a dog barks loudly in the distance", ["a dog is barking far away", "a dog barks in the distance",
+                                           "distant barking of a dog"]),
+    ("rain falls on a tin roof", ["rain is falling on a metal roof", "heavy rain on a roof",
+                                  "rain drops hit a tin roof"]),
+    ("a man speaks while cars pass by", ["a man talks as traffic passes", "cars pass by as a man is speaking",
+                                         "a person speaks near a busy road"]),
+    ("birds chirp", ["birds are chirping in the trees", "several birds chirp and sing", "birds chirp and tweet"]),
+    ("a car horn honks twice", ["a car honks its horn two times", "a horn honks twice", "a vehicle horn sounds"]),
+]
+
+
+def test_caption_metrics_equal_pycocoevalcap():
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    from af2_jax.metrics import bleu_4, cider_d, rouge_l
+
+    predictions = [p for p, _ in CAPTIONS]
+    references = [r for _, r in CAPTIONS]
+    gts = {i: refs for i, refs in enumerate(references)}
+    res = {i: [p] for i, p in enumerate(predictions)}
+    assert bleu_4(predictions, references) == pytest.approx(Bleu(4).compute_score(gts, res, verbose=0)[0][3],
+                                                            rel=1e-12)
+    assert rouge_l(predictions, references) == pytest.approx(Rouge().compute_score(gts, res)[0], rel=1e-12)
+    assert cider_d(predictions, references) == pytest.approx(Cider().compute_score(gts, res)[0], rel=1e-12)
+
+
+def test_tokenize_lower_cases_and_drops_punctuation_as_ptb_does():
+    from af2_jax.metrics import captions
+
+    plain = ["A dog barks, loudly!", "Rain -- on the roof.", "It's a car's horn; they don't stop?"]
+    expected = ["a dog barks loudly", "rain on the roof", "it 's a car 's horn they do n't stop"]
+    assert captions.tokenize(plain) == expected
+    if captions.tokenizer_name() == "ptb":  # here the PTB tokenizer ran: the Python rule must agree with it
+        import unittest.mock
+
+        with unittest.mock.patch.object(captions, "tokenizer_name", return_value="python"):
+            assert captions.tokenize(plain) == expected
