@@ -91,3 +91,13 @@ def test_tokenize_lower_cases_and_drops_punctuation_as_ptb_does():
 
         with unittest.mock.patch.object(captions, "tokenizer_name", return_value="python"):
             assert captions.tokenize(plain) == expected
+
+
+def test_wer_counted_by_hand():
+    from af2_jax.metrics import wer
+
+    # "sat" -> "sit" (1 substitution), "world" deleted (1): 2 edits over 5 reference words; case and a final period
+    # are not errors
+    assert wer(["The cat sit.", "hello"], ["the cat sat", "Hello world"]) == pytest.approx(0.4)
+    with pytest.raises(ValueError, match="every reference is empty"):
+        wer(["a"], [" "])
