@@ -147,6 +147,15 @@ class DoesNotFit(ValueError):
                          "ask for fewer new tokens or use a larger max_len")
 
 
+class TooMuchAudio(ValueError):
+    """A request's clips total more windows than one request may have (`MAX_WINDOWS_LIMIT`)."""
+
+    def __init__(self, windows: int):
+        self.windows = windows
+        super().__init__(f"the request's clips have {windows} windows in all, over the limit of {MAX_WINDOWS_LIMIT} "
+                         f"({MAX_WINDOWS_LIMIT} windows = 5 minutes); ask about less audio")
+
+
 @dataclasses.dataclass
 class Completion:
     """A finished request: its new tokens (a stop token included), why it ended ("stop", "length" or "cancelled"),
@@ -163,11 +172,11 @@ class Handle:
     else does); `done()` says whether it has one."""
 
     def __init__(self, engine: Engine, request: Request, prompt_ids: list[int], windows, window_mask, on_token,
-                 on_done, number: int):
+                 on_done, number: int, notes: list[str]):
         self.engine, self.request, self.number = engine, request, number
         self.prompt_ids, self.windows, self.window_mask = prompt_ids, windows, window_mask
         self.on_token, self.on_done = on_token, on_done
-        self.notes: list[str] = []  # what was cut from its prompt (also logged)
+        self.notes = notes  # what was cut from its prompt (also logged)
         self.tokens: list[int] = []
         self.completion: Completion | None = None
         self.cancelled = False
@@ -538,18 +547,16 @@ class Engine:
             np.zeros((0, self.config.audio.window_samples), np.float32)
         window_mask = np.concatenate([m for _, m in every]) if every else np.zeros((0,), np.float32)
         if windows.shape[0] > MAX_WINDOWS_LIMIT:
-            raise ValueError(f"the request's clips have {windows.shape[0]} windows in all, over the limit of "
-                             f"{MAX_WINDOWS_LIMIT} ({MAX_WINDOWS_LIMIT} windows = 5 minutes); ask about less audio")
+            raise TooMuchAudio(windows.shape[0])
         with self._lock:
             if len(self._pending) >= self.max_pending:
                 raise EngineFull(f"{len(self._pending)} requests are already waiting (max_pending "
                                  f"{self.max_pending}); retry later")
             self._submitted += 1
-            handle = Handle(self, request, prompt_ids, windows, window_mask, on_token, on_done, self._submitted)
+            handle = Handle(self, request, prompt_ids, windows, window_mask, on_token, on_done, self._submitted, notes)
             self._pending.append(handle)
         for note in notes:
             log.warning(note)
-        handle.notes = notes
         return handle
 
     def cancel(self, handle: Handle) -> None:

@@ -332,8 +332,7 @@ def waveform_windows(waveform: dict, max_windows: int = 12, *, config: AudioConf
     check_max_windows(max_windows)
     limit_seconds = max_windows * config.window_seconds
     if data.shape[0] > limit_seconds * rate:
-        log.warning("a waveform of %.1f s is longer than max_windows=%d; the last %.1f s were dropped",
-                    data.shape[0] / rate, max_windows, data.shape[0] / rate - limit_seconds)
+        log.warning("the waveform: %s", dropped_note(data.shape[0] / rate - limit_seconds, max_windows, config))
         data = data[:int(limit_seconds * rate)]
     samples = _model_samples(data, int(rate), config.sample_rate, "the waveform", average=False)
     return split_windows(samples, window_samples=config.window_samples, max_windows=max_windows)

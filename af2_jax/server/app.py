@@ -26,8 +26,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from af2_jax.audio.io import AudioError
-from af2_jax.engine import Completion, DoesNotFit, EngineFull, Request
-from af2_jax.server.clips import check_total_windows, read_clip
+from af2_jax.engine import Completion, DoesNotFit, EngineFull, Request, TooMuchAudio
+from af2_jax.server.clips import read_clip
 from af2_jax.server.metrics import ServerMetrics
 from af2_jax.server.protocol import (APIError, AnswerText, AudioSource, ChatRequest, chunk_body, completion_body,
                                      parse_chat, usage)
@@ -81,6 +81,11 @@ def _error_response(err: APIError) -> JSONResponse:
     return _ErrorJSON(err.body(), status_code=err.status, headers=err.headers)
 
 
+def _usage(stream: Stream, text: AnswerText) -> dict:
+    handle = stream.handle
+    return usage(len(handle.prompt_ids), len(text.ids), handle.windows.shape[0])
+
+
 def _sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
@@ -116,8 +121,8 @@ class ChatServer:
             if self.options.strict_model_name and chat.model != self.options.served_model_name:
                 raise APIError(404, f"model {chat.model!r} is not served here; this server serves "
                                     f"{self.options.served_model_name!r}", param="model", code="model_not_found")
-            engine_request, windows, notes = await anyio.to_thread.run_sync(self._engine_request, chat)
-            stream = self._submit(engine_request, windows)
+            engine_request, notes = await anyio.to_thread.run_sync(self._engine_request, chat)
+            stream = self._submit(engine_request)
         except APIError as err:
             outcome(_status_outcome(err.status))
             return _error_response(err)
@@ -172,24 +177,22 @@ class ChatServer:
                 raise too_large
         return bytes(body)
 
-    def _engine_request(self, chat: ChatRequest) -> tuple[Request, int, list[str]]:
+    def _engine_request(self, chat: ChatRequest) -> tuple[Request, list[str]]:
         """The engine's request for `chat`, its audio read and windowed (blocking: runs in a worker thread), with
-        its window count and the notes of clips cut to the per-clip limit."""
+        the notes of clips cut to the per-clip limit."""
         engine = self.runner.engine
         sources = [part for turn in chat.turns for part in turn.parts if isinstance(part, AudioSource)]
         clips = [read_clip(source, max_windows=engine.max_windows, config=engine.config.audio,
                            allowed_dir=self.options.allowed_local_dir) for source in sources]
-        check_total_windows(clips)
         loaded = iter(clips)
         turns = [(None, [{"audio": next(loaded)[:2]} if isinstance(part, AudioSource) else part
                          for part in turn.parts], turn.answer) for turn in chat.turns]  # in order: `loaded` is used up
         *earlier, (_, question, _) = turns
-        return (Request(question, None, chat.sampling, tuple(earlier)), sum(w.shape[0] for w, _, _ in clips),
-                [note for *_, note in clips if note])
+        return Request(question, None, chat.sampling, tuple(earlier)), [note for *_, note in clips if note]
 
-    def _submit(self, engine_request: Request, windows: int) -> Stream:
+    def _submit(self, engine_request: Request) -> Stream:
         try:
-            return self.runner.submit(engine_request, asyncio.get_running_loop(), windows)
+            return self.runner.submit(engine_request, asyncio.get_running_loop())
         except EngineFull as err:
             raise APIError(429, f"the server is busy: {err}", code="queue_full", kind="rate_limit_error",
                            headers={"Retry-After": str(RETRY_AFTER_S)}) from None
@@ -199,6 +202,8 @@ class ChatServer:
             raise APIError(400, f"max_tokens {err.max_new_tokens} and the prompt's {err.prompt_tokens} tokens need "
                                 f"{err.prompt_tokens + err.max_new_tokens} positions, over the server's --max-len "
                                 f"{err.max_len}; {fix}", param="max_tokens", code="context_length_exceeded") from None
+        except TooMuchAudio as err:
+            raise APIError(400, str(err), param="messages", code="too_much_audio") from None
         except (AudioError, TokenizerError, ValueError) as err:
             raise APIError(400, str(err), param="messages") from None
 
@@ -253,7 +258,7 @@ class ChatServer:
             return Response(status_code=499)
         reason = self._finished(text, event, arrived, outcome)
         text.finish()
-        used = usage(len(stream.handle.prompt_ids), len(text.ids), stream.windows)
+        used = _usage(stream, text)
         return JSONResponse(completion_body(rid, int(time.time()), self.options.served_model_name, text.text, reason,
                                             used, warnings))
 
@@ -288,7 +293,7 @@ class ChatServer:
                 yield chunk({"content": rest})
             yield chunk({}, reason)
             if chat.include_usage:
-                yield chunk(None, used=usage(len(stream.handle.prompt_ids), len(text.ids), stream.windows))
+                yield chunk(None, used=_usage(stream, text))
         except TimeoutError:
             outcome("timeout")
             yield _sse(self._timeout().body())

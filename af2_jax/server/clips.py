@@ -11,7 +11,7 @@ import tempfile
 import numpy as np
 
 from af2_jax.audio.io import AudioError, dropped_note, read_windows
-from af2_jax.config import MAX_WINDOWS_LIMIT, AudioConfig
+from af2_jax.config import AudioConfig
 from af2_jax.server.protocol import APIError, AudioSource
 
 
@@ -50,10 +50,3 @@ def _read(path: str, name: str, source: AudioSource, max_windows: int, config: A
     note = f"{source.where}: {dropped_note(dropped, max_windows, config)}" if dropped else None
     return windows, mask, note
 
-
-def check_total_windows(clips: list[tuple[np.ndarray, np.ndarray, str | None]]) -> None:
-    total = sum(windows.shape[0] for windows, _, _ in clips)
-    if total > MAX_WINDOWS_LIMIT:
-        raise APIError(400, f"the request's clips have {total} windows in all, over the limit of "
-                            f"{MAX_WINDOWS_LIMIT} ({MAX_WINDOWS_LIMIT} windows of the model's length); send less "
-                            "audio", param="messages", code="too_much_audio")

@@ -32,8 +32,8 @@ class Stream:
     """One request in flight as the event loop sees it: `next()` gives its new tokens (lists) as they come, then
     its `Completion`."""
 
-    def __init__(self, runner: EngineRunner, loop: asyncio.AbstractEventLoop, windows: int):
-        self.runner, self.loop, self.windows = runner, loop, windows
+    def __init__(self, runner: EngineRunner, loop: asyncio.AbstractEventLoop):
+        self.runner, self.loop = runner, loop
         self.handle: Handle | None = None
         self._events: asyncio.Queue = asyncio.Queue()
 
@@ -75,9 +75,9 @@ class EngineRunner:
         self._wake.set()
         self._thread.join(timeout)
 
-    def submit(self, request: Request, loop: asyncio.AbstractEventLoop, windows: int) -> Stream:
+    def submit(self, request: Request, loop: asyncio.AbstractEventLoop) -> Stream:
         """Queues `request` (EngineFull when the queue is full, ValueError when it cannot be served)."""
-        stream = Stream(self, loop, windows)
+        stream = Stream(self, loop)
         with self._swap:
             self._open.add(stream)  # before the engine has it: the driving thread may finish it at once
             try:
