@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Mapping
+
+import yaml
 
 # Upper limit on 10 s windows per clip: 5 minutes. The released configs use 12 (120 s).
 MAX_WINDOWS_LIMIT = 30
@@ -396,3 +399,24 @@ def resolve_model_config(model: str) -> AF2Config:
         return AF2Config.from_file(model)
     raise ValueError(f"--model {model!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a config file")
 
+
+class _Loader(yaml.SafeLoader):
+    """YAML as people write configs: `1e-4` is a float and `10:15` a string. PyYAML follows YAML 1.1, where the
+    first is a string and the second the base-60 integer 615."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regex) for tag, regex in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:int", re.compile(r"^[-+]?(?:[0-9][0-9_]*|0x[0-9a-fA-F_]+)$"), list("-+0123456789"))
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?"
+               r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str):
+    """YAML text as our configs read it (`_Loader`): training configs, overrides and evaluation configs."""
+    return yaml.load(text, Loader=_Loader)

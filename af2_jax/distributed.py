@@ -6,6 +6,7 @@ import logging
 import os
 
 import jax
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -45,3 +46,13 @@ def maybe_initialize_distributed(coordinator: str | None = None, num_processes: 
 def is_main_process() -> bool:
     """Only process 0 writes outputs and logs progress."""
     return jax.process_index() == 0
+
+
+def main_process_value(values: np.ndarray) -> np.ndarray:
+    """Process 0's `values` (a numpy array of the same shape everywhere), on every process: what process 0 read from
+    files only it may see (which items an earlier run finished) becomes the plan every process follows in lock-step."""
+    if jax.process_count() == 1:
+        return values
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.broadcast_one_to_all(values))

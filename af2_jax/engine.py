@@ -568,13 +568,18 @@ class Engine:
             on_done: Callable[[int, Completion], None] | None = None) -> list[Completion]:
         """Serves `requests` and returns their completions in order. They are submitted as the queue has room;
         `on_token(i, tokens)` streams request i and `on_done(i, completion)` is called as it finishes."""
-        handles: list[Handle] = []
-        for i, request in enumerate(requests):
-            while len(self._pending) >= self.max_pending:
-                self._drive(None)
-            handles.append(self.submit(request, None if on_token is None else functools.partial(on_token, i),
-                                       None if on_done is None else functools.partial(on_done, i)))
+        handles = [self.submit_when_room(request, None if on_token is None else functools.partial(on_token, i),
+                                         None if on_done is None else functools.partial(on_done, i))
+                   for i, request in enumerate(requests)]
         return [handle.result() for handle in handles]
+
+    def submit_when_room(self, request: Request, on_token: Callable[[list[int]], None] | None = None,
+                         on_done: Callable[[Completion], None] | None = None) -> Handle:
+        """`submit`, first driving the engine from this thread while `max_pending` requests wait: for a caller that
+        feeds many requests and drives the engine itself (`run`, manifest and evaluation runs)."""
+        while len(self._pending) >= self.max_pending:
+            self._drive(None)
+        return self.submit(request, on_token, on_done)
 
     @property
     def idle(self) -> bool:

@@ -18,12 +18,13 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 from tqdm import tqdm
 
 from af2_jax.audio.io import AudioError
 from af2_jax.distributed import is_main_process
-from af2_jax.engine import EngineFull, Request
+from af2_jax.engine import Request
 from af2_jax.tokenizer import TokenizerError
 
 log = logging.getLogger(__name__)
@@ -92,27 +93,58 @@ def _output_record(line: bytes) -> dict | None:
     return None
 
 
-def _read_output(path: Path) -> tuple[dict[str, dict], int]:
-    """What earlier runs wrote to `path` (id -> record) and the length in bytes of its complete lines. Only a last
-    line cut off by a kill may be incomplete; anything else that is not an output line means `path` is some other
-    file, refused before it is touched (cutting or appending to it would damage it)."""
+def read_appended(path: Path, line_start: bytes, parse: Callable[[bytes], dict | None], kind: str
+                  ) -> tuple[list[dict], int]:
+    """The records of a JSON-lines file a command appends to, one flushed line per finished item (`infer`'s answers,
+    `eval`'s predictions), and the length in bytes of its complete lines. `parse` turns a line into its record, or
+    None when it is not one of the command's `kind` lines; every line starts with `line_start`. Only a last line cut
+    off by a kill may be incomplete; anything else that is not such a line means `path` is some other file, refused
+    before it is touched (cutting or appending to it would damage it)."""
     if not path.exists():
-        return {}, 0
+        return [], 0
     data = path.read_bytes()
     complete = data.rfind(b"\n") + 1
     tail = data[complete:]
-    refusal = f"{path} is not an answer file of this command (%s); pass another --output: a new file, or one " \
-              "written by this command"
-    if not (tail.startswith(_LINE_START) or _LINE_START.startswith(tail)):
-        raise ValueError(refusal % "its last line is not an answer line")
-    records = {}
+    refusal = f"{path} is not {kind} file of this command (%s); pass another --output: a new one, or one written " \
+              "by this command"
+    if not (tail.startswith(line_start) or line_start.startswith(tail)):
+        raise ValueError(refusal % f"its last line is not {kind} line")
+    records = []
     for number, line in enumerate(data[:complete].splitlines(), 1):
         if line.strip():
-            record = _output_record(line)
+            record = parse(line)
             if record is None:
-                raise ValueError(refusal % f"line {number} is not an answer line")
-            records[record["id"]] = record
+                raise ValueError(refusal % f"line {number} is not {kind} line")
+            records.append(record)
     return records, complete
+
+
+def lock_output(output: Path):
+    """An exclusive lock on OUTPUT.lock, held while the returned file is open: a second run on the same output would
+    answer the same items and interleave its lines. The lock dies with its process, so a killed run never blocks
+    the next."""
+    import fcntl
+
+    path = output.with_name(output.name + ".lock")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    lock_file = open(path, "w")
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock_file.close()
+        raise ValueError(f"another run is writing {output} (it holds {path}); wait for it to finish, or pass another "
+                         "--output") from None
+    return lock_file
+
+
+def write_lines_atomically(path: Path, lines) -> None:
+    """`path` rewritten with `lines` through a temporary file and a rename, so a kill leaves the old or the new."""
+    tmp = path.with_name(f".{path.name}.rewrite")
+    with open(tmp, "w") as f:
+        f.writelines(lines)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 class ManifestJob:
@@ -132,7 +164,7 @@ class ManifestJob:
             raise ValueError(f"--output {output} is the manifest {manifest}; pass another --output for the answers")
         self.items = _read_manifest(manifest)
         if self.main:
-            self._lock()
+            self._lock_file = lock_output(self.output)
         try:
             return self._check_output()
         except BaseException:
@@ -141,7 +173,8 @@ class ManifestJob:
 
     def _check_output(self) -> ManifestJob:
         manifest, output = self.manifest, self.output
-        self.records, complete = _read_output(output)
+        records, complete = read_appended(output, _LINE_START, _output_record, "an answer")
+        self.records = {r["id"]: r for r in records}
         for it in self.items:
             old = self.records.get(it["id"])
             if old is not None and (old.get("audio"), old["prompt"]) != (it.get("audio"), it["prompt"]):
@@ -167,22 +200,6 @@ class ManifestJob:
             self._lock_file = None
         return False
 
-    def _lock(self) -> None:
-        """An exclusive lock on OUTPUT.lock for the whole run: a second run on the same output would answer the same
-        items and interleave its lines. The lock dies with its process, so a killed run never blocks the next."""
-        import fcntl
-
-        path = self.output.with_name(self.output.name + ".lock")
-        self.output.parent.mkdir(parents=True, exist_ok=True)
-        self._lock_file = open(path, "w")
-        try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock_file.close()
-            self._lock_file = None
-            raise ValueError(f"another run is writing {self.output} (it holds {path}); wait for it to finish, or "
-                             "pass another --output") from None
-
     def run(self, engine, sampling) -> int:
         """Answers the pending items on `engine` with `sampling` (each clip cut to the engine's `max_windows`), then
         rewrites the output in manifest order. Returns how many of the manifest's items end with an error."""
@@ -200,13 +217,8 @@ class ManifestJob:
                     write(it, error=it["problem"])
                     continue
                 try:
-                    request = Request(it["prompt"], it.get("audio"), sampling)
-                    while True:
-                        try:
-                            engine.submit(request, on_done=lambda done, it=it: write(it, answer=done.text))
-                            break
-                        except EngineFull:
-                            engine.step()
+                    engine.submit_when_room(Request(it["prompt"], it.get("audio"), sampling),
+                                            on_done=lambda done, it=it: write(it, answer=done.text))
                 except (AudioError, TokenizerError, ValueError) as err:  # this item cannot be served
                     write(it, error=str(err))
             while not engine.idle:
@@ -222,9 +234,4 @@ class ManifestJob:
         file and a rename, so a kill leaves either the old or the new file."""
         order = {it["id"]: n for n, it in enumerate(self.items)}
         records = sorted(self.records.values(), key=lambda r: order.get(r["id"], len(order)))
-        tmp = self.output.with_name(f".{self.output.name}.rewrite")
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.output)
+        write_lines_atomically(self.output, (json.dumps(r) + "\n" for r in records))

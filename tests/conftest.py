@@ -28,7 +28,8 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 from tests.helpers import (FIXTURE_DIRS, REPO, SHAPE_MAPS, ChildProcesses, Fixture, fixture_set_problem,  # noqa: E402
-                           make_audio_files, write_small_checkpoint, write_tone_dataset)
+                           make_audio_files, write_demo_held_out, write_small_checkpoint,
+                           write_tone_dataset)
 
 jax.config.update("jax_default_matmul_precision", "highest")
 jax.config.update("jax_enable_x64", False)
@@ -112,6 +113,31 @@ def small_checkpoint(tmp_path_factory, tokenizer) -> Path:
 def tones(tmp_path_factory) -> Path:
     """The tiny tone QA set (tests.helpers.write_tone_dataset), written once per session."""
     return write_tone_dataset(tmp_path_factory.mktemp("tones"))
+
+
+@pytest.fixture(scope="session")
+def demo_held_out(tmp_path_factory) -> tuple[Path, list[str]]:
+    """(folder, task names): the demo set's first held-out items per task (tests.helpers.write_demo_held_out)."""
+    folder = tmp_path_factory.mktemp("demo_data")
+    return folder, write_demo_held_out(folder)
+
+
+@pytest.fixture(scope="session")
+def demo_answers_alone(demo_held_out) -> dict[tuple[str, str], str]:
+    """{(task, item key): answer}: each held-out item answered on its own by `af2_jax.answer` on
+    `af2_jax.load(demo model)` with the defaults, the reference that batched runs (infer, eval) must equal."""
+    import af2_jax
+    from af2_jax.checkpoint.resolve import DEMO_CHECKPOINT
+
+    folder, tasks = demo_held_out
+    model, tokenizer = af2_jax.load(DEMO_CHECKPOINT), af2_jax.load_tokenizer(DEMO_CHECKPOINT)
+    answers = {}
+    for task in tasks:
+        manifest = json.loads((folder / "manifests" / task / "test.json").read_text())
+        for key, item in manifest["data"].items():
+            answers[task, key] = af2_jax.answer(model, tokenizer, str(folder / manifest["split_path"] / item["name"]),
+                                                item["prompt"])
+    return answers
 
 
 @pytest.fixture

@@ -415,3 +415,24 @@ class ChildProcesses:
         with self._lock:
             for process in self._running:
                 process.kill()
+
+
+HELD_OUT_PER_TASK = 8  # the demo set's held-out items per task the default suite answers
+
+
+def demo_data_generator():
+    """train/make_demo_data.py as a module (it is a recipe script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("make_demo_data", REPO / "train" / "make_demo_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_demo_held_out(folder: Path, per_task: int = HELD_OUT_PER_TASK) -> list[str]:
+    """The first `per_task` items of each task's held-out split, regenerated with the demo split's own seeds, in
+    the layout train/make_demo_data.py writes (folder/manifests/Name-Task/test.json, folder/audio/...). Returns
+    the task names."""
+    generator = demo_data_generator()
+    for number, task in enumerate(generator.TASKS):
+        generator.write_split(folder, task, "test", per_task, 500 + number, str(folder))
+    return list(generator.TASKS)

@@ -17,10 +17,11 @@ import pytest
 from af2_jax.cli import common as cli
 from tests.helpers import FIXTURE_DIRS
 
-COMMANDS = {name: f"af2_jax.cli.{name}" for name in ("infer", "convert", "train", "plan", "audio", "serve")}
+COMMANDS = {name: f"af2_jax.cli.{name}"
+            for name in ("infer", "convert", "train", "plan", "audio", "serve", "eval")}
 # What `python -m af2_jax.X` runs: a shim over the command's module.
 SHIMS = {"infer": "af2_jax.infer", "convert": "af2_jax.convert", "train": "af2_jax.train", "plan": "af2_jax.plan",
-         "audio": "af2_jax.audio.__main__", "serve": "af2_jax.serve"}
+         "audio": "af2_jax.audio.__main__", "serve": "af2_jax.serve", "eval": "af2_jax.eval"}
 
 
 def _requirements() -> list[str]:

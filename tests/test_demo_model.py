@@ -3,7 +3,6 @@ and answers held-out items of every task of the demo set correctly; the bundled 
 demo set's generator still writes the data the model was trained on."""
 
 import hashlib
-import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -17,9 +16,8 @@ from af2_jax.checkpoint.resolve import DEMO_CHECKPOINT
 from af2_jax.engine import Sampling
 from af2_jax.pipeline import answer_items, prepare
 from af2_jax.metrics import normalise
-from tests.helpers import REPO
+from tests.helpers import HELD_OUT_PER_TASK, REPO
 
-HELD_OUT_PER_TASK = 8
 # sha256 of what train/make_demo_data.py wrote for the first HELD_OUT_PER_TASK items of each held-out split (paths
 # and bytes of the manifests and FLAC files), recorded before read_audio stopped importing librosa: the generator
 # keeps librosa's resampling, and its output must not move. The spoken-digit task is left out: espeak-ng is a system
@@ -28,26 +26,9 @@ HELD_OUT_SHA256 = "429ecaa25c1768a31beafcf0527c1306ddad17625885a23ab9ceb5181cc05
 UNPINNED_TASKS = ("DemoSpeech-DigitQA",)
 
 
-def _generator():
-    spec = importlib.util.spec_from_file_location("make_demo_data", REPO / "train" / "make_demo_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def demo():
     return af2_jax.load(DEMO_CHECKPOINT, dtype="float32"), af2_jax.load_tokenizer(DEMO_CHECKPOINT)
-
-
-@pytest.fixture(scope="module")
-def held_out(tmp_path_factory):
-    """The first items of each task's held-out split, regenerated with the demo split's own seeds."""
-    generator = _generator()
-    folder = tmp_path_factory.mktemp("demo_data")
-    for number, task in enumerate(generator.TASKS):
-        generator.write_split(folder, task, "test", HELD_OUT_PER_TASK, 500 + number, str(folder))
-    return folder, list(generator.TASKS)
 
 
 def test_demo_model_is_small_enough():
@@ -55,8 +36,8 @@ def test_demo_model_is_small_enough():
     assert size <= 40e6, size
 
 
-def test_demo_data_generator_writes_the_same_bytes(held_out):
-    folder, _ = held_out
+def test_demo_data_generator_writes_the_same_bytes(demo_held_out):
+    folder, _ = demo_held_out
     digest = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.suffix in (".json", ".flac")):
         if not any(task in str(path) for task in UNPINNED_TASKS):
@@ -65,8 +46,8 @@ def test_demo_data_generator_writes_the_same_bytes(held_out):
     assert digest.hexdigest() == HELD_OUT_SHA256
 
 
-def test_demo_model_answers_held_out_items(demo, held_out):
-    folder, tasks = held_out
+def test_demo_model_answers_held_out_items(demo, demo_held_out):
+    folder, tasks = demo_held_out
     model, tokenizer = demo
     results = {}
     for task in tasks:
@@ -101,26 +82,28 @@ def test_loading_unstacked_cuts_the_stored_layers(demo):
         np.testing.assert_array_equal(np.asarray(var[...]), np.asarray(expected), err_msg=str(path))
 
 
-def test_a_manifest_run_answers_each_item_as_it_is_answered_alone(held_out, tmp_path, cli_logging):
+def test_a_manifest_run_answers_each_item_as_it_is_answered_alone(demo_held_out, demo_answers_alone, tmp_path,
+                                                                  cli_logging):
     """`infer --manifest` (bfloat16, the serving layout, 8 slots of continuous batching) gives every held-out item
     the answer `af2_jax.answer` gives it alone on `af2_jax.load(demo)` with its defaults."""
     from af2_jax.cli.infer import main as infer_cli
     from af2_jax.generate import engine_for
 
-    folder, tasks = held_out
+    folder, tasks = demo_held_out
     items = []
     for task in tasks:
         manifest = json.loads((folder / "manifests" / task / "test.json").read_text())
-        items += [{"id": f"{task}/{n}", "audio": str(folder / manifest["split_path"] / it["name"]),
-                   "prompt": it["prompt"]} for n, it in enumerate(manifest["data"].values())]
+        items += [{"id": f"{task}/{key}", "audio": str(folder / manifest["split_path"] / it["name"]),
+                   "prompt": it["prompt"]} for key, it in manifest["data"].items()]
     manifest, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     manifest.write_text("".join(json.dumps(it) + "\n" for it in items))
     assert infer_cli(["--checkpoint", str(DEMO_CHECKPOINT), "--manifest", str(manifest), "--output", str(output)]) == 0
     answers = {line["id"]: line["answer"] for line in map(json.loads, output.read_text().splitlines())}
-    model, tokenizer = af2_jax.load(DEMO_CHECKPOINT), af2_jax.load_tokenizer(DEMO_CHECKPOINT)
-    alone = {it["id"]: af2_jax.answer(model, tokenizer, it["audio"], it["prompt"]) for it in items}
+    alone = {f"{task}/{key}": answer for (task, key), answer in demo_answers_alone.items()}
     assert len(items) == 48 and answers == alone
+    model, tokenizer = af2_jax.load(DEMO_CHECKPOINT), af2_jax.load_tokenizer(DEMO_CHECKPOINT)
+    first = af2_jax.answer(model, tokenizer, items[0]["audio"], items[0]["prompt"])
     programs = engine_for(model, slots=1).programs  # the engine `answer` used
     compiled = programs.count
-    assert af2_jax.answer(model, tokenizer, items[0]["audio"], items[0]["prompt"]) == alone[items[0]["id"]]
+    assert af2_jax.answer(model, tokenizer, items[0]["audio"], items[0]["prompt"]) == first == alone[items[0]["id"]]
     assert programs.count == compiled  # a repeated question compiles nothing

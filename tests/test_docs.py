@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 ORIGINAL = REPO / "docs" / "original.md"
 PACKAGE = REPO / "af2_jax"
 # Where users read: the package and the documentation and recipes shipped beside it.
-DOC_ROOTS = ("docs", "README.md", "train", "infer", "convert")
+DOC_ROOTS = ("docs", "README.md", "train", "infer", "convert", "eval")
 TEXT_SUFFIXES = {".py", ".md", ".yaml", ".yml", ".sh", ".toml", ".txt"}
 
 # Section numbers and quirk numbers of the steering spec (AF2_SPEC 3.2, Q8), which nothing in the repository resolves.

@@ -17,10 +17,11 @@ LAYERS = {
     "af2_jax.engine": 3, "af2_jax.generate": 3, "af2_jax.pipeline": 3, "af2_jax.manifest": 3, "af2_jax.planning": 3,
     "af2_jax.training": 3, "af2_jax.metrics": 3,
     "af2_jax": 4,  # the package root: the public API, built on every library layer
-    "af2_jax.server": 4,
+    "af2_jax.server": 4, "af2_jax.evaluation": 4,
     "af2_jax.cli": 5,
     # `python -m af2_jax.X` shims over af2_jax.cli.X
     "af2_jax.infer": 5, "af2_jax.convert": 5, "af2_jax.train": 5, "af2_jax.plan": 5, "af2_jax.serve": 5,
+    "af2_jax.eval": 5,
     "af2_jax.audio.__main__": 5,
 }
 

@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from af2_jax.cli.train import main
-from af2_jax.training.config import ConfigError, TrainConfig, _build, _parse_yaml, check, keys
+from af2_jax.config import parse_yaml
+from af2_jax.training.config import ConfigError, TrainConfig, _build, check, keys
 from af2_jax.training.metrics import MetricsWriter, Progress
 from tests.helpers import read_events, tiny_train_config
 
@@ -46,7 +47,7 @@ def test_tensorboard_shows_scalars_the_config_and_sample_answers(tmp_path, confi
     assert json.loads(shown["hparams"]["model.overrides"]) == json.loads(json.dumps(config.model.overrides))
     [(step, text)] = shown["texts"]["config"]
     assert step == 0 and text.startswith("```yaml\n") and text.endswith("```")
-    assert _build(TrainConfig, _parse_yaml(text.removeprefix("```yaml\n").removesuffix("```")), "") == config
+    assert _build(TrainConfig, parse_yaml(text.removeprefix("```yaml\n").removesuffix("```")), "") == config
     [(step, table)] = shown["texts"]["valid/Tones-PitchQA/test/answers"]
     html = markdown_to_safe_html(table)
     cells = re.findall(r"<td>(.*?)</td>", html)
@@ -135,7 +136,7 @@ def test_print_config_lists_every_key_with_its_default_and_documentation(capsys,
     assert list(shown) == [key for key, _, _ in keys(defaults)]  # every key of every section, in order
     for key, field, default in keys(defaults):
         value, doc = shown[key]
-        assert _parse_yaml(value) == default, key
+        assert parse_yaml(value) == default, key
         assert doc.strip() and not doc.startswith("["), f"{key} has no documentation (use _key/_within/_one_of)"
     for section in dataclasses.fields(defaults):
         assert f"\n{section.name}: " in f"\n{printed}"

@@ -74,7 +74,8 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 
 def setup_logging(fmt: str = "%(message)s", level: int = logging.INFO) -> None:
     """Logs to stderr through tqdm; Python warnings become one `warning: ...` line without source paths; JAX's
-    backend-probing noise is dropped (only that: its other warnings stay); absl (Orbax) speaks from WARNING up."""
+    backend-probing noise is dropped (only that: its other warnings stay); absl (Orbax) and matplotlib (the eval
+    report's chart) speak from WARNING up."""
     handler = _TqdmSafeHandler(sys.stderr)
     handler.setFormatter(_LevelPrefix(fmt))
     root = logging.getLogger()
@@ -83,6 +84,7 @@ def setup_logging(fmt: str = "%(message)s", level: int = logging.INFO) -> None:
     root.addHandler(handler)  # other handlers stay (a host application's, pytest's)
     root.setLevel(level)
     logging.getLogger("absl").setLevel(logging.WARNING)
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     bridge = logging.getLogger("jax._src.xla_bridge")
     if not any(isinstance(f, _JaxStartupNoise) for f in bridge.filters):
         bridge.addFilter(_JaxStartupNoise())

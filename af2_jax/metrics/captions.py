@@ -16,6 +16,11 @@ caption already tokenised: words joined by single spaces (`tokenize`).
   sets; per n, the cosine-like similarity of the prediction and each reference, with the prediction's weights
   clipped at the reference's, times a Gaussian penalty on the length difference (sigma 6; lengths counted in
   bigrams, as pycocoevalcap counts them); averaged over n and the references, times 10; the mean over clips.
+- `meteor`: METEOR 1.5 run by pycocoevalcap's own jar (`java` needed; `meteor_available`), as the COCO evaluation
+  runs it: English, normalised, one aggregate over the corpus.
+
+SPICE and SPIDEr (the mean of CIDEr-D and SPICE) are not computed: SPICE needs the Stanford CoreNLP 3.6.0 models,
+which pycocoevalcap downloads from nlp.stanford.edu on first use; `UNAVAILABLE` says so in results.
 """
 
 from __future__ import annotations
@@ -43,6 +48,18 @@ def tokenizer_name() -> str:
     except ImportError:
         return "python"
     return "ptb" if shutil.which("java") else "python"
+
+
+def meteor_available() -> bool:
+    return tokenizer_name() == "ptb"  # the same two needs: pycocoevalcap and java
+
+
+UNAVAILABLE = {
+    "spice": "SPICE needs the Stanford CoreNLP 3.6.0 models, which pycocoevalcap downloads from nlp.stanford.edu on "
+             "first use; they are not bundled, and this evaluation runs offline",
+    "spider": "SPIDEr is the mean of CIDEr-D and SPICE, and SPICE is unavailable offline",
+}
+METEOR_UNAVAILABLE = "METEOR runs pycocoevalcap's jar, which needs `java` on the PATH (and the eval extra)"
 
 
 def tokenize(captions: Sequence[str]) -> list[str]:
@@ -142,3 +159,15 @@ def cider_d(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> 
                 total[n] += value * penalty
         scores.append(float(np.mean(total)) / len(refs) * 10.0)
     return float(np.mean(scores))
+
+
+def meteor(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    _check(predictions, references)
+    if not meteor_available():
+        raise RuntimeError(METEOR_UNAVAILABLE)
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    scorer = Meteor()
+    score, _ = scorer.compute_score({i: list(refs) for i, refs in enumerate(references)},
+                                    {i: [p] for i, p in enumerate(predictions)})
+    return float(score)

@@ -3,7 +3,8 @@
 Normalisation: lower-case, every run of whitespace folded to one space, surrounding whitespace stripped, then one
 trailing `.` dropped and whitespace stripped again ("A dog barking." and "a dog  barking" match). AF2's answers to
 classification questions are short labels, so this is also single-label `accuracy`. The same function normalises
-the answers of training's end-of-run exact match."""
+the answers of training's end-of-run exact match. The original computes no metric itself and lower-cases its
+references (docs/original.md#evaluation); this rule is ours."""
 
 from __future__ import annotations
 

@@ -12,14 +12,13 @@ import dataclasses
 import importlib.util
 import json
 import math
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
-from af2_jax.config import MAX_WINDOWS_LIMIT, PRESETS, AF2Config, PlainDataRules, build_dataclass
+from af2_jax.config import MAX_WINDOWS_LIMIT, PRESETS, AF2Config, PlainDataRules, build_dataclass, parse_yaml
 
 
 class ConfigError(ValueError):
@@ -82,27 +81,6 @@ def _mapping(doc: str):
 
 
 _DTYPES = ("bfloat16", "float32")
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML as people write configs: `1e-4` is a float and `10:15` a string. PyYAML follows YAML 1.1, where the
-    first is a string and the second the base-60 integer 615."""
-
-
-_Loader.yaml_implicit_resolvers = {
-    first: [(tag, regex) for tag, regex in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:int", re.compile(r"^[-+]?(?:[0-9][0-9_]*|0x[0-9a-fA-F_]+)$"), list("-+0123456789"))
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?"
-               r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
-    list("-+0123456789."))
-
-
-def _parse_yaml(text: str):
-    return yaml.load(text, Loader=_Loader)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,7 +201,7 @@ def show_value(value) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return value if value and _parse_yaml(value) == value else json.dumps(value)
+        return value if value and parse_yaml(value) == value else json.dumps(value)
     if isinstance(value, (Mapping, list, tuple)):
         return json.dumps(value)
     return repr(value)
@@ -311,14 +289,14 @@ def load_config(path=None, overrides: list[str] = ()) -> TrainConfig:
         if not path.is_file():
             raise ConfigError(f"{path}: no such config file; pass one of train/configs/*.yaml")
         try:
-            raw = _parse_yaml(path.read_text()) or {}
+            raw = parse_yaml(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value (e.g. optim.learning_rate=1e-4)")
         key, value = item.split("=", 1)
-        _set_dotted(raw, key.strip(), _parse_yaml(value))
+        _set_dotted(raw, key.strip(), parse_yaml(value))
     config = _build(TrainConfig, raw, "")
     check(config)
     return config

@@ -43,11 +43,11 @@ class Item:
     dataset: str = ""  # the manifest it came from, "Name-Task/split"
 
 
-def read_manifest(root: str, name: str) -> dict:
-    path = Path(root) / f"{name}.json"
+def read_manifest(path: Path, where: str) -> dict:
+    """The manifest at `path` (docs/original.md#manifests), checked: JSON with `data` and a matching `total_num`.
+    `where` says which setting names the file, for the message when it is missing."""
     if not path.is_file():
-        raise ConfigError(f"{path}: manifest not found; data.dataset_file_root must hold {name}.json "
-                          "(Name-Task/split.json in the original format)")
+        raise ConfigError(f"{path}: manifest not found; {where} (Name-Task/split.json in the original format)")
     try:
         contents = json.loads(path.read_text())
         data = contents["data"]
@@ -59,6 +59,11 @@ def read_manifest(root: str, name: str) -> dict:
         raise ConfigError(f"{path}: total_num is {contents['total_num']} but data has {len(data)} items; fix "
                           "total_num")
     return contents
+
+
+def _set_manifest(data: DataSection, name: str) -> dict:
+    return read_manifest(Path(data.dataset_file_root) / f"{name}.json",
+                         f"data.dataset_file_root must hold {name}.json")
 
 
 def _items(contents: dict, data_root: str, dataset: str) -> list[Item]:
@@ -82,7 +87,7 @@ def blend(data: DataSection) -> list[Item]:
     blended: list[Item] = []
     for name, spec in data.dataset_blending_config.items():
         weight = float(blend_weight(spec)) * float(data.dataset_blending_global_weight)
-        items = _items(read_manifest(data.dataset_file_root, name), data.data_root, name)
+        items = _items(_set_manifest(data, name), data.data_root, name)
         count = int(len(items) * weight)
         order = np.random.default_rng(_name_seed(name)).permutation(len(items))
         for index in range(count):
@@ -100,7 +105,7 @@ def validation_sets(data: DataSection) -> dict[str, list[Item]]:
     out = {}
     for name, enabled in data.valid_dataset_config.items():
         if enabled:
-            items = _items(read_manifest(data.dataset_file_root, name), data.data_root, name)
+            items = _items(_set_manifest(data, name), data.data_root, name)
             out[name] = items[: data.valid_max_items] if data.valid_max_items else items
     return out
 

@@ -1,0 +1,279 @@
+"""An evaluation run over an OUT folder: the items of every benchmark answered on the engine, one predictions line
+each as it finishes (a rerun after a kill answers only what is left), then results, report and chart.
+
+OUT holds:
+- `config.yaml`: the config run (checkpoint and data root filled in); a rerun must match it where it shapes the
+  predictions (checkpoint, seed, each benchmark's manifest, metric, prompt and decoding), or it is refused;
+- `predictions.jsonl`: one line per prediction (`scoring` gives the fields), with its score where the metric has
+  one once the run finishes; an item that could not be answered (missing or undecodable audio) has a "missing"
+  line instead, retried by the next run;
+- `results.json`, `report.md`, `report.png`: `write_results`, which `eval score` runs alone.
+On a mesh spanning processes every process feeds the engine the same items in the same order; only process 0 reads
+OUT (the others follow its plan) and writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from af2_jax.audio.io import AudioError, load_windows
+from af2_jax.distributed import is_main_process, main_process_value
+from af2_jax.engine import Request
+from af2_jax.evaluation.config import EvalConfig, EvalConfigError, eval_config_from_data
+from af2_jax.evaluation.data import BenchmarkDataError, EvalItem, benchmark_items
+from af2_jax.evaluation.scoring import (METRICS, draw_chart, item_scores, report_markdown, score_benchmarks,
+                                        skip_reason)
+from af2_jax.config import parse_yaml
+from af2_jax.manifest import lock_output, read_appended, write_lines_atomically
+from af2_jax.tokenizer import TokenizerError
+
+log = logging.getLogger(__name__)
+
+CONFIG, PREDICTIONS, RESULTS, REPORT, CHART = "config.yaml", "predictions.jsonl", "results.json", "report.md", \
+    "report.png"
+_LINE_START = b'{"benchmark": '  # how every predictions line starts (json.dumps keeps the record's order)
+
+
+@dataclasses.dataclass
+class Plan:
+    """What a run will predict: every benchmark's items, in config then manifest order, and the benchmarks skipped
+    (name -> why; `problems` are the ones whose data could not be used, which make the run exit 1)."""
+
+    items: list[EvalItem]
+    skipped: dict[str, str]
+    problems: list[str]
+
+
+def plan(config: EvalConfig, data_root, limit: int | None = None) -> Plan:
+    items, skipped, problems = [], {}, []
+    for b in config.benchmarks:
+        reason = skip_reason(b.metric)
+        if reason:
+            log.warning("benchmark %s skipped: %s", b.name, reason)
+            skipped[b.name] = reason
+            continue
+        try:
+            found = benchmark_items(b, data_root, captions=METRICS[b.metric].captions, limit=limit)
+        except BenchmarkDataError as err:
+            log.error("%s; skipped (the run goes on and exits 1)", err)
+            skipped[b.name] = str(err)
+            problems.append(b.name)
+            continue
+        log.info("benchmark %s: %d item(s) (%s)", b.name, len(found), b.metric)
+        items += found
+    return Plan(items, skipped, problems)
+
+
+def _prediction_record(line: bytes) -> dict | None:
+    """The record of a predictions line this command writes, or None."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    if isinstance(record, dict) and isinstance(record.get("benchmark"), str) and isinstance(record.get("id"), str) \
+            and "reference" in record \
+            and isinstance(record.get("prediction"), str) != isinstance(record.get("missing"), str):
+        return record
+    return None
+
+
+def _shapes_predictions(b) -> tuple:
+    return b.manifest, b.metric, b.template, b.decoding
+
+
+def _merged(old: EvalConfig, new: EvalConfig, folder: Path) -> EvalConfig:
+    """`new` with the benchmarks an earlier run in `folder` made and this one does not name; refuses a `new` whose
+    predictions would differ from the ones already there."""
+    fix = f"pass another --output, or delete {folder} to start again"
+    if (old.checkpoint, old.seed) != (new.checkpoint, new.seed):
+        raise EvalConfigError(f"{folder} holds predictions of checkpoint {old.checkpoint} with seed {old.seed}, not "
+                              f"{new.checkpoint} with seed {new.seed}; {fix}")
+    earlier = {b.name: b for b in old.benchmarks}
+    for b in new.benchmarks:
+        if b.name in earlier and _shapes_predictions(earlier[b.name]) != _shapes_predictions(b):
+            raise EvalConfigError(f"{folder} holds predictions of benchmark {b.name} made with another manifest, "
+                                  f"metric, prompt or decoding ({folder / CONFIG}); {fix}")
+    names = {b.name for b in new.benchmarks}
+    return dataclasses.replace(new, benchmarks=tuple(b for b in old.benchmarks if b.name not in names)
+                               + new.benchmarks)
+
+
+class EvalOutput:
+    """The OUT folder of a run, locked while open (a context manager). `pending(items)` says what is left to
+    predict, `write` appends a line, `finish` writes the scored predictions, config, results and report."""
+
+    def __init__(self, folder, config: EvalConfig):
+        self.folder, self.main = Path(folder), is_main_process()
+        self.config = config
+        self.predictions = self.folder / PREDICTIONS
+        self.records: dict[tuple[str, str], dict] = {}
+        self._lock_file = self._out = None
+
+    def __enter__(self) -> EvalOutput:
+        if not self.main:
+            return self
+        if self.folder.exists() and not self.folder.is_dir():
+            raise ValueError(f"--output {self.folder} is a file; pass a folder for the evaluation's outputs")
+        self._lock_file = lock_output(self.predictions)
+        try:
+            self._open()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _open(self) -> None:
+        if (self.folder / CONFIG).is_file():
+            old = eval_config_from_data(parse_yaml((self.folder / CONFIG).read_text()), str(self.folder / CONFIG))
+            self.config = _merged(old, self.config, self.folder)
+        elif self.predictions.exists():
+            raise ValueError(f"{self.folder} has {PREDICTIONS} but no {CONFIG}: it is not an evaluation folder of "
+                             f"this command; pass another --output (or score it: eval score {self.folder} --config "
+                             "FILE)")
+        records, complete = read_appended(self.predictions, _LINE_START, _prediction_record, "a predictions")
+        self.records = {(r["benchmark"], r["id"]): r for r in records}
+        if self.predictions.exists() and complete < self.predictions.stat().st_size:
+            log.warning("%s: dropping an incomplete last line left by an interrupted run", self.predictions)
+            with open(self.predictions, "r+b") as f:
+                f.truncate(complete)
+        (self.folder / CONFIG).write_text(self.config.to_yaml())
+
+    def __exit__(self, *exc) -> bool:
+        for f in (self._out, self._lock_file):
+            if f is not None:
+                f.close()
+        self._out = self._lock_file = None
+        return False
+
+    def pending(self, items: list[EvalItem]) -> list[EvalItem]:
+        """The items without a prediction (missing ones are retried), as process 0 sees them, on every process."""
+        left = np.zeros(len(items), bool)
+        if self.main:
+            for n, it in enumerate(items):
+                old = self.records.get((it.benchmark, it.id))
+                if old is not None and old["prompt"] != it.prompt:
+                    raise ValueError(f"{self.predictions} answers {it.benchmark} id {it.id} for the prompt "
+                                     f"{old['prompt'][:40]!r}, but the manifest now asks {it.prompt[:40]!r}; pass "
+                                     f"another --output, or delete {self.folder} to start again")
+                left[n] = old is None or "prediction" not in old
+        left = main_process_value(left)
+        return [it for it, wanted in zip(items, left) if wanted]
+
+    def write(self, item: EvalItem, **result) -> None:
+        record = {**item.record(), **result}
+        self.records[(item.benchmark, item.id)] = record
+        if self.main:
+            if self._out is None:
+                self._out = open(self.predictions, "a")
+            self._out.write(json.dumps(record) + "\n")
+            self._out.flush()
+            os.fsync(self._out.fileno())
+
+    def finish(self, items: list[EvalItem], facts: dict, skipped: dict[str, str]) -> dict:
+        """Predictions rewritten in plan order (with each item's score), then results and report."""
+        if not self.main:
+            return {}
+        order = {(it.benchmark, it.id): n for n, it in enumerate(items)}
+        records = sorted(self.records.values(), key=lambda r: order.get((r["benchmark"], r["id"]), len(order)))
+        metrics = {b.name: b.metric for b in self.config.benchmarks}
+        for name, metric in metrics.items():
+            answered = [r for r in records if r["benchmark"] == name and "prediction" in r]
+            for record, value in zip(answered, item_scores(metric, answered, name)):
+                if value is not None:
+                    record["score"] = value
+        write_lines_atomically(self.predictions, (json.dumps(r) + "\n" for r in records))
+        return write_results(self.folder, self.config, records, facts, skipped)
+
+
+def write_results(folder: Path, config: EvalConfig, records: list[dict], facts: dict,
+                  skipped: dict[str, str] | None = None) -> dict:
+    """results.json, report.md and report.png in `folder` from prediction records; `facts`: checkpoint, wall_s,
+    items_per_s of the run (None where unknown)."""
+    benchmarks = score_benchmarks(config.benchmarks, records)
+    for name, why in (skipped or {}).items():
+        if name in benchmarks and benchmarks[name]["value"] is None:
+            benchmarks[name]["skipped"] = why
+    results = {"benchmarks": benchmarks, "checkpoint": facts.get("checkpoint"), "config_hash": config.digest(),
+               "prompt_templates": {b.name: b.template for b in config.benchmarks}, "seed": config.seed,
+               "wall_s": facts.get("wall_s"), "items_per_s": facts.get("items_per_s")}
+    text = json.dumps(results, indent=2) + "\n"
+    write_lines_atomically(folder / RESULTS, [text])
+    chart = CHART if draw_chart(results, folder / CHART) else None
+    write_lines_atomically(folder / REPORT, [report_markdown(results, chart)])
+    return results
+
+
+def predict(engine, output: EvalOutput, items: list[EvalItem], config: EvalConfig) -> tuple[int, float]:
+    """Answers `items` on `engine`, a line each as it finishes; returns (predictions made, seconds)."""
+    sampling = {b.name: b.decoding.sampling(config.seed) for b in config.benchmarks}
+    start, made = time.perf_counter(), [0]
+    with tqdm(total=len(items), unit="item", file=sys.stderr, disable=not output.main) as bar:
+        def done(item: EvalItem, completion) -> None:
+            output.write(item, prediction=completion.text)
+            made[0] += 1
+            bar.update(1)
+
+        for it in items:
+            try:
+                audio = it.audio if not it.start else load_windows(
+                    it.audio, engine.max_windows, config=engine.config.audio, start_seconds=it.start)
+                engine.submit_when_room(Request(it.prompt, audio, sampling[it.benchmark]),
+                                        on_done=lambda completion, it=it: done(it, completion))
+            except (AudioError, TokenizerError, ValueError) as err:  # not answered: counted, never scored wrong
+                log.warning("%s %s: %s (counted as missing)", it.benchmark, it.id, err)
+                output.write(it, missing=str(err))
+                bar.update(1)
+        while not engine.idle:
+            engine.step()
+    return made[0], time.perf_counter() - start
+
+
+def read_predictions(path: Path) -> list[dict]:
+    """Prediction records from a predictions.jsonl written here or elsewhere (the original's outputs turned into
+    lines): each needs "benchmark", "id", "reference" and "prediction" (or "missing")."""
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file; `eval score OUT` reads OUT/{PREDICTIONS}")
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise ValueError(f"{path}:{number}: not valid JSON; fix or remove the line") from None
+        if not isinstance(record, dict) or not {"benchmark", "id", "reference"} <= set(record) \
+                or not isinstance(record.get("prediction", record.get("missing")), str):
+            raise ValueError(f'{path}:{number}: a predictions line needs "benchmark", "id", "reference" and '
+                             '"prediction" (a string)')
+        records.append({**record, "id": str(record["id"])})
+    return records
+
+
+def score_folder(folder, config_path=None) -> dict:
+    """`eval score`: results and report of `folder` recomputed from its predictions, with the config of the run
+    (or `config_path`, for predictions made elsewhere); the run's facts are kept from its results.json."""
+    from af2_jax.evaluation.config import load_eval_config
+
+    folder = Path(folder)
+    if config_path is not None:
+        config = load_eval_config(config_path)
+    elif (folder / CONFIG).is_file():
+        config = load_eval_config(folder / CONFIG)
+    else:
+        raise ValueError(f"{folder} has no {CONFIG}; pass --config FILE naming the benchmarks of its predictions")
+    facts = {}
+    if (folder / RESULTS).is_file():
+        try:
+            facts = json.loads((folder / RESULTS).read_text())
+        except ValueError:
+            log.warning("%s is not valid JSON; it is rewritten", folder / RESULTS)
+    return write_results(folder, config, read_predictions(folder / PREDICTIONS), facts)
