@@ -20,6 +20,7 @@ from flax import nnx
 from af2_jax.config import resolve_model_config
 from af2_jax.engine import EnginePrograms, bucket_prompt, bucket_rows, bucket_windows
 from af2_jax.nn.af2 import AF2Model
+from af2_jax.nn.quant import quantize_int8
 from af2_jax.sharding import (Placement, activation_sharding, batch_sharding, check_batch_splits, data_parallel_size,
                               format_mesh, make_mesh, parse_mesh_spec, variable_sharding)
 from af2_jax.training.config import OptimSection
@@ -31,7 +32,7 @@ class PlanRequest:
     """What to plan: a model (preset or config file) on a mesh spec, serving `batch` requests of `windows` windows,
     `prompt` prompt tokens and `new` new tokens; or, with `train` (a trainable-set preset or regex), a train step on a
     global batch of `batch` sequences. `hbm_gb` is the device memory to check against; `temporaries=False` skips
-    compiling."""
+    compiling. `quantize="int8"` plans serving with int8 weights (`af2_jax.nn.quant`)."""
 
     model: str = "af2-3b"
     mesh: str = "tensor=1"
@@ -45,6 +46,7 @@ class PlanRequest:
     scan_layers: bool = False
     train: str | None = None
     remat: bool = False
+    quantize: str | None = None
 
 
 def devices_needed(mesh_spec: str) -> int:
@@ -74,15 +76,21 @@ def _shard_bytes(shape, dtype, sharding) -> int:
 def plan_serving(request: PlanRequest) -> dict:
     config, mesh, placement = _model_and_mesh(request)
     dtype = jnp.dtype(request.dtype)
-    abstract = nnx.eval_shape(lambda: AF2Model(config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0),
-                                               scan_layers=request.scan_layers))
-    graphdef, state = nnx.split(abstract)
+    if request.quantize not in (None, "int8") or request.quantize and request.scan_layers:
+        raise ValueError(f"quantize={request.quantize!r}: int8, with one buffer per layer (not --scan-layers), is "
+                         "the one supported")
+
+    def build():
+        model = AF2Model(config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0), scan_layers=request.scan_layers)
+        return quantize_int8(model) if request.quantize else model
+
+    graphdef, state = nnx.split(nnx.eval_shape(build))
     weights = 0
     shardings = {}
     for path, var in nnx.to_flat_state(state):
         sharding = variable_sharding(var, placement)
         shardings[path] = sharding
-        stored = jnp.float32 if isinstance(var, nnx.BatchStat) else dtype
+        stored = jnp.float32 if isinstance(var, nnx.BatchStat) else var.dtype
         weights += _shard_bytes(var.shape, stored, sharding)
 
     rows = bucket_rows(max(request.batch, data_parallel_size(mesh)))
@@ -103,12 +111,19 @@ def plan_serving(request: PlanRequest) -> dict:
     if request.temporaries:
         temporaries = _temporaries(graphdef, state, shardings, mesh, config, rows, windows, prompt, request.new, dtype)
     fits, table = _table(request, placement, [
-        f"{request.model}, {request.dtype}, mesh {format_mesh(dict(mesh.shape))}; batch {request.batch} "
-        f"(bucket {rows}), {request.windows} windows (bucket {windows}), prompt {request.prompt} (bucket {prompt}), "
-        f"{request.new} new tokens"], [("weights", weights), ("KV cache + cross-attention K/V", caches),
-                                       ("weights + caches", weights + caches)],
+        f"{request.model}, {request.dtype}{', int8 weights' if request.quantize else ''}, mesh "
+        f"{format_mesh(dict(mesh.shape))}; batch {request.batch} (bucket {rows}), {request.windows} windows (bucket "
+        f"{windows}), prompt {request.prompt} (bucket {prompt}), {request.new} new tokens"],
+        [("weights", weights), ("KV cache + cross-attention K/V", caches), ("weights + caches", weights + caches)],
         "compiled temporaries", temporaries)
-    return {"weights": weights, "caches": caches, "temporaries": temporaries, "fits": fits, "table": table}
+    most = None
+    if request.hbm_gb is not None:
+        # Caches grow with the rows; the temporaries are taken as at this batch (they grow too, a little).
+        most = max(int((request.hbm_gb * 1e9 - weights - (temporaries or 0)) // (caches / rows)), 0)
+        table += (f"\nat most {most} requests of these sizes fit in {request.hbm_gb:g} GB per device "
+                  f"({caches / rows / 1e9:.4f} GB of caches each, temporaries as at this batch)")
+    return {"weights": weights, "caches": caches, "temporaries": temporaries, "fits": fits, "table": table,
+            "max_batch": most}
 
 
 def _temporaries(graphdef, state, shardings, mesh, config, rows, windows, prompt, new, dtype) -> int:

@@ -52,3 +52,36 @@ def test_serving_layout_plan_compiles(child_runs):
     gb = _values(run)
     assert run.returncode == 0, run.stdout + run.stderr
     assert gb["weights"] > 0 and "compiled temporaries" in run.stdout
+
+
+def _int8_counts(config) -> tuple[int, int]:
+    """(weights, scales) that int8 replaces, counted from the config alone: per layer the LM's seven projections and
+    the cross-attention's five linear layers, and the tied embedding; one scale per output channel."""
+    lm, xa = config.lm, config.cross_attention
+    d, heads, kv, hd, inner = lm.hidden_size, lm.num_heads * lm.head_dim, lm.num_kv_heads * lm.head_dim, \
+        lm.head_dim, xa.heads * xa.dim_head
+    media, ff = config.audio_transformer.d_model, xa.ff_mult * d
+    per_layer = [(d, heads), (d, kv), (d, kv), (heads, d), (d, lm.intermediate_size), (d, lm.intermediate_size),
+                 (lm.intermediate_size, d), (d, inner), (media, 2 * inner), (inner, d), (d, ff), (ff, d)]
+    assert hd > 0
+    weights = lm.num_layers * sum(a * b for a, b in per_layer) + lm.vocab_size * d
+    scales = lm.num_layers * sum(b for _, b in per_layer) + lm.vocab_size
+    return weights, scales
+
+
+_HALF_B = ("--model", "af2-0.5b", "--windows", "12", "--prompt", "512", "--new", "256", "--batch", "8", "--hbm-gb",
+           "16", "--no-compile")
+
+
+@pytest.mark.child_processes(_plan(*_HALF_B), _plan(*_HALF_B, "--quantize", "int8"))
+def test_int8_plan_counts_one_byte_per_weight_and_a_scale_per_channel(child_runs):
+    from af2_jax.config import preset
+
+    bf16, int8 = child_runs
+    assert bf16.returncode == int8.returncode == 0, bf16.stderr + int8.stderr
+    weights, scales = _int8_counts(preset("af2-0.5b"))
+    assert _values(int8)["weights"] == pytest.approx(_values(bf16)["weights"] - (weights - 4 * scales) / 1e9,
+                                                     abs=1.1e-3)
+    assert _values(int8)["KV cache + cross-attention K/V"] == _values(bf16)["KV cache + cross-attention K/V"]
+    most = [int(re.search(r"at most (\d+) requests", run.stdout)[1]) for run in (bf16, int8)]
+    assert most[1] > most[0] > 8

@@ -19,7 +19,8 @@ from af2_jax.checkpoint.folder import AtomicFolder, check_tokenizer, read_config
 from af2_jax.checkpoint.orbax_tree import flatten, nest, restore_tree, save_tree, stored_shapes
 from af2_jax.nn.af2 import AF2Model
 from af2_jax.nn.layer_stack import slots
-from af2_jax.sharding import Placement, format_mesh, variable_sharding
+from af2_jax.nn.quant import quantize_int8
+from af2_jax.sharding import Placement, format_mesh, shard_model, variable_sharding
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +72,24 @@ def _save_from_processes(model, dst: Path, tokenizer, dtype, overwrite: bool, me
     return dst
 
 
-def load(path, dtype="bfloat16", mesh=None, *, param_dtype=None, scan_layers: bool = True) -> AF2Model:
+QUANTIZE_MODES = ("int8",)
+
+
+def load(path, dtype="bfloat16", mesh=None, *, param_dtype=None, scan_layers: bool = True,
+         quantize: str | None = None) -> AF2Model:
     """Loads a checkpoint written by `python -m af2_jax.convert` as an `AF2Model` whose weights and activations
     are in `dtype` ("float32" or "bfloat16"); `param_dtype` keeps the weights in another dtype (training: float32
     master weights, bfloat16 compute). With a `mesh` (`af2_jax.sharding.make_mesh`), every parameter is
     restored straight into its shards as the rules table places it: no host holds a full copy. `scan_layers=False`
     returns the layers as a list, the faster form for decoding (`af2_jax.nn.layer_stack`): the checkpoint's stacked
-    parameters are cut into the layers as they are restored. Also turns on the compilation cache
-    (`af2_jax.cache.use_compilation_cache`)."""
+    parameters are cut into the layers as they are restored. `quantize="int8"` (with `scan_layers=False`) then
+    stores the language model's weights in int8 with a scale per output channel (`af2_jax.nn.quant`), placed by the
+    same rules. Also turns on the compilation cache (`af2_jax.cache.use_compilation_cache`)."""
+    if quantize is not None and quantize not in QUANTIZE_MODES:
+        raise ValueError(f"quantize={quantize!r}: supported: {', '.join(QUANTIZE_MODES)} (or None)")
+    if quantize and scan_layers:
+        raise ValueError("quantize needs scan_layers=False: int8 weights are for serving, which keeps one buffer "
+                         "per layer")
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such checkpoint folder; convert the release with "
@@ -114,4 +125,8 @@ def load(path, dtype="bfloat16", mesh=None, *, param_dtype=None, scan_layers: bo
     restored = flatten(restore_tree(folder / "params", nest(target)))
     for slot in model_slots:
         slot.assign(restored.pop(slot.path), device)
+    if quantize == "int8":
+        quantize_int8(model)
+        if mesh is not None:
+            shard_model(model, mesh)  # the int8 values and scales where the rules put the weights they replace
     return model

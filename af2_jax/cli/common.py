@@ -148,7 +148,11 @@ def run_command(body: Callable[[], int], *, debug: bool = False, any_value_error
         return EXIT_INTERRUPTED
 
 
-def load_model(path: Path, why: str, *, dtype: str, mesh, scan_layers: bool = False):
+QUANTIZE_HELP = ("store the language model's weights in int8 (one scale per output channel): half the bytes per "
+                 "decoding step; answers nearly always the same (default: the --dtype weights)")
+
+
+def load_model(path: Path, why: str, *, dtype: str, mesh, scan_layers: bool = False, quantize: str | None = None):
     """The checkpoint at `path` (chosen because `why`) loaded for serving, announced in one line: what, where, how
     long."""
     import jax
@@ -157,9 +161,10 @@ def load_model(path: Path, why: str, *, dtype: str, mesh, scan_layers: bool = Fa
     from af2_jax.sharding import format_mesh
 
     start = time.perf_counter()
-    model = load(path, dtype=dtype, mesh=mesh, scan_layers=scan_layers)
+    model = load(path, dtype=dtype, mesh=mesh, scan_layers=scan_layers, quantize=quantize)
     device = jax.devices()[0]
-    log.info("checkpoint: %s (%s); dtype %s; device %s (%s) x%d; mesh: %s; loaded in %.1f s",
-             path, why, dtype, device.platform, device.device_kind, jax.device_count(),
-             format_mesh(dict(mesh.shape)) if mesh else "none (single device)", time.perf_counter() - start)
+    log.info("checkpoint: %s (%s); dtype %s%s; device %s (%s) x%d; mesh: %s; loaded in %.1f s",
+             path, why, dtype, f", weights {quantize}" if quantize else "", device.platform, device.device_kind,
+             jax.device_count(), format_mesh(dict(mesh.shape)) if mesh else "none (single device)",
+             time.perf_counter() - start)
     return model

@@ -25,7 +25,8 @@ import contextlib
 import logging
 import time
 
-from af2_jax.cli.common import EXIT_CODES, EXIT_INPUT, load_model, prog, run_command, setup_logging, warn_if_cpu_only
+from af2_jax.cli.common import (EXIT_CODES, EXIT_INPUT, QUANTIZE_HELP, load_model, prog, run_command, setup_logging,
+                               warn_if_cpu_only)
 from af2_jax.config import MAX_WINDOWS_LIMIT, check_max_windows
 
 log = logging.getLogger("af2_jax.eval")
@@ -46,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="af2-jax checkpoint folder; default: the config's checkpoint, else the converted release "
                             "in the cache, else the demo model (announced)")
     model.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    model.add_argument("--quantize", choices=["int8"], help=QUANTIZE_HELP)
     model.add_argument("--mesh", metavar="SPEC",
                        help="shard over devices, e.g. 'tensor=4' or 'data=2,tensor=4'; default: one device")
     engine = p.add_argument_group("engine")
@@ -147,7 +149,7 @@ def _run(args) -> int:
         if pending:
             model_config, _ = read_config(path)
             tokenizer = load_tokenizer(path, model_config.tokens)
-            model = load_model(path, why, dtype=args.dtype, mesh=mesh)
+            model = load_model(path, why, dtype=args.dtype, mesh=mesh, quantize=args.quantize)
             longest = max(b.decoding.max_new_tokens for b in config.benchmarks)
             engine = engine_for(model, tokenizer, slots=args.slots, mesh=mesh,
                                 max_len=tokenizer.max_prompt_tokens + longest, max_windows=args.max_windows)

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from af2_jax.checkpoint.resolve import RELEASE_REPO
-from af2_jax.cli.common import (EXIT_CODES, EXIT_INPUT, load_model, prog, run_command, setup_logging,
+from af2_jax.cli.common import (EXIT_CODES, EXIT_INPUT, QUANTIZE_HELP, load_model, prog, run_command, setup_logging,
                                warn_if_cpu_only)
 from af2_jax.config import MAX_WINDOWS_LIMIT, check_max_windows
 from af2_jax.engine import Sampling
@@ -61,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument("--download", action="store_true",
                        help=f"download {RELEASE_REPO} (37 GB) and convert it into the cache first")
     model.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    model.add_argument("--quantize", choices=["int8"], help=QUANTIZE_HELP)
     model.add_argument("--mesh", metavar="SPEC",
                        help="shard over devices, e.g. 'tensor=4' or 'data=2,tensor=4' (axes data, fsdp, tensor); "
                             "default: one device")
@@ -105,6 +106,8 @@ def _check_args(p: argparse.ArgumentParser, args) -> None:
         p.error("--output is for --manifest mode")
     if args.stream and (args.manifest or args.json):
         p.error("--stream prints plain text for --audio mode; it does not combine with --manifest or --json")
+    if args.quantize and args.scan_layers:
+        p.error("--quantize keeps one buffer per layer (the serving layout); it does not combine with --scan-layers")
     if args.checkpoint and args.download:
         p.error("--checkpoint and --download both choose the checkpoint; pass one")
     if args.max_windows is not None:
@@ -160,7 +163,8 @@ def _run(args) -> int:
             items = [prepare(tokenizer, audio, args.prompt, args.max_windows, config.audio) for audio in args.audio]
             log.info("audio: %d file(s), %d window(s) loaded in %.2f s", len(items),
                      sum(it.windows.shape[0] for it in items), time.perf_counter() - start)
-        model = load_model(path, why, dtype=args.dtype, mesh=mesh, scan_layers=args.scan_layers)
+        model = load_model(path, why, dtype=args.dtype, mesh=mesh, scan_layers=args.scan_layers,
+                           quantize=args.quantize)
         # A few files need no more slots than files (on a CPU a step costs about its slot count).
         slots = args.slots if job is not None else min(args.slots, slots_for(len(items), mesh))
         engine = engine_for(model, tokenizer, slots=slots, mesh=mesh,

@@ -28,6 +28,8 @@ def _parser():
     p.add_argument("--model", default="af2-3b", help=f"preset ({', '.join(sorted(PRESETS))}) or config.json")
     p.add_argument("--mesh", default="tensor=1", help="e.g. 'tensor=4', 'data=2,tensor=4'")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--quantize", choices=["int8"], help="(serving) int8 weights, as `infer --quantize int8`; with "
+                   "--hbm-gb, the largest batch that fits is shown for any plan")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--windows", type=int, default=12, help="10 s windows per clip (30 = 5 minutes)")
     p.add_argument("--prompt", type=int, default=512, help="prompt tokens")
@@ -65,6 +67,6 @@ def _run(args) -> int:
     report = plan(PlanRequest(model=args.model, mesh=args.mesh, dtype=args.dtype, batch=args.batch,
                               windows=args.windows, prompt=args.prompt, new=args.new, hbm_gb=args.hbm_gb,
                               temporaries=not args.no_compile, scan_layers=args.scan_layers, train=args.train,
-                              remat=args.remat))
+                              remat=args.remat, quantize=args.quantize))
     print(report["table"])
     return 0 if report["fits"] in (None, True) else EXIT_INPUT

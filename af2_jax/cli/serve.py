@@ -24,7 +24,8 @@ import os
 import signal
 import socket
 
-from af2_jax.cli.common import EXIT_CODES, load_model, prog, run_command, setup_logging, warn_if_cpu_only
+from af2_jax.cli.common import (EXIT_CODES, QUANTIZE_HELP, load_model, prog, run_command, setup_logging,
+                               warn_if_cpu_only)
 from af2_jax.config import MAX_WINDOWS_LIMIT, check_max_windows
 
 log = logging.getLogger("af2_jax.serve")
@@ -40,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="af2-jax checkpoint folder; default: the converted release in the cache, else the demo "
                             "model (announced)")
     model.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    model.add_argument("--quantize", choices=["int8"], help=QUANTIZE_HELP)
     model.add_argument("--mesh", metavar="SPEC",
                        help="shard over this host's devices, e.g. 'tensor=4' (axes data, fsdp, tensor); default: "
                             "one device")
@@ -148,7 +150,7 @@ def _serve(args) -> int:
                          f"(lm.max_position_embeddings in {path / 'config.json'}); pass --max-len {positions} or less")
     tokenizer = load_tokenizer(path, config.tokens)
     sock = _listen(args.host, args.port)  # before the model loads, so a taken port fails at once
-    model = load_model(path, why, dtype=args.dtype, mesh=mesh)
+    model = load_model(path, why, dtype=args.dtype, mesh=mesh, quantize=args.quantize)
 
     def make_engine() -> Engine:
         return Engine(model, tokenizer, slots=args.slots, max_len=args.max_len, max_pending=args.max_queue,
