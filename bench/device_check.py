@@ -10,17 +10,19 @@ Phases, in order of value:
    12 windows per request, at 1 and 8 slots: decode tokens/s (median of 3 runs after a compiling run) and the
    fraction of the HBM roofline = bytes one step must read (every LM weight a step uses, the cross-attention K/V and
    the text cache of every row) x steps/s / the device's bandwidth.
-2. `compile`: the serving programs' compile seconds, cold (an empty persistent cache, phase 1's first run) and warm
+2. `int8`: phase 1 with int8 weights (`af2_jax.nn.quant`, the same random weights quantized), its speed-up over
+   bfloat16 at each slot count, and how many greedy tokens equal bfloat16's.
+3. `compile`: the serving programs' compile seconds, cold (an empty persistent cache, phase 1's first run) and warm
    (in-memory caches cleared, programs read back from the persistent cache), per program kind.
-3. `encode`: the audio path (HTSAT, audio transformer, every layer's cross-attention K/V) in windows/s.
-4. `slots32`: decode as phase 1 at 32 slots.
-5. `train`: one `sft` train step (trainable: audio encoder, audio transformer, cross-attention, embedding) at a fixed
+4. `encode`: the audio path (HTSAT, audio transformer, every layer's cross-attention K/V) in windows/s.
+5. `slots32`: decode as phase 1 at 32 slots.
+6. `train`: one `sft` train step (trainable: audio encoder, audio transformer, cross-attention, embedding) at a fixed
    batch of 4 with remat, tokens/s and MFU = (6 x trainable + 4 x frozen-on-the-backward-path parameters) x tokens/s
    / the device's peak bf16 dense FLOP/s. Counted per text token: the cross-attention blocks and the tied
    embedding (its output projection) as trainable, the LM decoder layers as frozen on the backward path (the
    gradient reaches the first layer's cross-attention through them). Not counted: the audio encoder and audio
    transformer (their work is per window, not per token) and attention's sequence-length terms, so MFU is a floor.
-6. `plan`: `python -m af2_jax.plan`'s per-device prediction for phase 1's 8-slot serving configuration against the
+7. `plan`: `python -m af2_jax.plan`'s per-device prediction for phase 1's 8-slot serving configuration against the
    device's measured peak memory.
 
 Imports only jax, flax, optax and numpy besides af2_jax (a GPU image with `pip install --no-deps -e .` runs it).
@@ -54,7 +56,7 @@ from af2_jax.training.config import OptimSection  # noqa: E402
 from af2_jax.training.labels import make_labels  # noqa: E402
 from af2_jax.training.step import TrainState, make_train_step, optimizer, split_model  # noqa: E402
 
-PHASES = ("decode", "compile", "encode", "slots32", "train", "plan")
+PHASES = ("decode", "int8", "compile", "encode", "slots32", "train", "plan")
 
 # Memory bandwidth (bytes/s) and peak dense bf16 FLOP/s by device kind (vendor data sheets); the first match wins.
 DEVICE_SPECS = (
@@ -82,9 +84,9 @@ class Setup:
 
 DEVICE_SETUP = Setup()
 # The dry run checks every phase's code on a CPU in seconds: one slot count (the 32-slot phase too), and training
-# without the audio encoder's backward pass (`pretrain`), whose compilation alone would take half a minute there.
+# only the cross-attention (the audio encoder's backward pass alone would take half a minute to compile there).
 DRY_SETUP = Setup(windows=1, prompt=8, new=4, slots=(2,), many_slots=2, train_batch=2, train_tokens=32,
-                  train_windows=1, trainable="pretrain", repeats=1)
+                  train_windows=1, trainable=r"^layers\.xattn\.", repeats=1)
 
 
 def device_spec(kind: str) -> tuple[float | None, float | None]:
@@ -95,11 +97,12 @@ def device_spec(kind: str) -> tuple[float | None, float | None]:
 
 
 def config_for(dry_run: bool):
-    if dry_run:  # the embedded demo model's sizes: a tiny AF2 with the real vocabulary
+    if dry_run:  # the embedded demo model's sizes, one LM layer: a tiny AF2 with the real vocabulary
         data = json.loads((REPO / "af2_jax" / "demo_model" / "config.json").read_text())
         data.pop("af2_jax", None)
         data.pop("model_type", None)
-        return AF2Config.from_dict(data)
+        config = AF2Config.from_dict(data)
+        return dataclasses.replace(config, lm=dataclasses.replace(config.lm, num_layers=1))
     return preset("af2-3b")
 
 
@@ -164,14 +167,14 @@ def requests(config, count: int, setup: Setup, new: int):
     return out
 
 
-def timed_runs(engine, batch, repeats: int) -> list[dict]:
-    """Each run's timing differences (the engine's counters), the first one compiling."""
+def timed_runs(engine, batch, repeats: int) -> tuple[list[dict], list[list[int]]]:
+    """Each run's timing differences (the engine's counters), the first one compiling, and the last run's tokens."""
     runs = []
     for _ in range(repeats + 1):
         before = dict(engine.timings)
-        engine.run(batch)
+        done = engine.run(batch)
         runs.append({k: engine.timings[k] - before[k] for k in before})
-    return runs
+    return runs, [completion.tokens for completion in done]
 
 
 def peak_memory() -> int | None:
@@ -195,6 +198,7 @@ class Check:
         self.dtype = jnp.bfloat16
         self._model = None
         self.results: dict[str, dict] = {}
+        self.tokens: dict[int, list[list[int]]] = {}  # the last decode run's greedy tokens, by slot count
 
     @property
     def model(self):
@@ -220,7 +224,7 @@ class Check:
     def decode_at(self, slots: int) -> dict:
         setup = self.setup
         engine = self._engine(slots)
-        runs = timed_runs(engine, requests(self.config, slots, setup, setup.new), setup.repeats)
+        runs, self.tokens[slots] = timed_runs(engine, requests(self.config, slots, setup, setup.new), setup.repeats)
         decode_s = statistics.median(r["decode_s"] for r in runs[1:])
         steps_per_s = setup.new / decode_s
         nbytes = step_bytes(self.model, slots, setup.windows, setup.prompt + setup.new)
@@ -247,7 +251,7 @@ class Check:
         for slots in self.setup.slots:
             jax.clear_caches()
             engine = self._engine(slots)
-            runs = timed_runs(engine, requests(self.config, slots, self.setup, self.setup.new), 0)
+            runs, _ = timed_runs(engine, requests(self.config, slots, self.setup, self.setup.new), 0)
             warm[f"slots{slots}"] = {"total": runs[0]["compile_s"],
                                      "by_kind": dict(engine.programs.compile_s_by_kind)}
         return {"cold_compile_s": cold or None, "warm_compile_s": warm,
@@ -256,7 +260,7 @@ class Check:
     def encode(self) -> dict:
         setup = self.setup
         engine = self._engine(max(setup.slots))
-        runs = timed_runs(engine, requests(self.config, 8, setup, 1), setup.repeats)
+        runs, _ = timed_runs(engine, requests(self.config, 8, setup, 1), setup.repeats)
         encode_s = statistics.median(r["encode_s"] for r in runs[1:])
         return {"requests": 8, "windows_per_request": setup.windows, "encode_s": encode_s,
                 "windows_per_s": 8 * setup.windows / encode_s}
@@ -312,6 +316,25 @@ class Check:
                 "compile_and_first_step_s": first, "tokens_per_s": tokens_per_s, "parameters": sizes,
                 "model_flops_per_s": flops, "mfu": flops / self.peak_flops if self.peak_flops else None,
                 "loss": float(metrics.loss)}
+
+    def int8(self) -> dict:
+        """Phase 1 again with the same weights quantized (phase 1 runs first if it has not), and how many of the
+        greedy tokens equal bfloat16's for the same requests."""
+        from af2_jax.nn.quant import quantize_int8
+
+        bf16 = self.results.get("decode") or self.decode()
+        bf16_tokens = dict(self.tokens)
+        quantize_int8(self.model)
+        runs = []
+        for before in bf16["runs"]:
+            run = self.decode_at(before["slots"])
+            pairs = [(a, b) for x, y in zip(self.tokens[before["slots"]], bf16_tokens[before["slots"]])
+                     for a, b in zip(x, y)]
+            run.update(speedup_over_bfloat16=run["decode_tokens_per_s"] / before["decode_tokens_per_s"],
+                       greedy_tokens_equal_to_bfloat16=sum(a == b for a, b in pairs) / len(pairs))
+            runs.append(run)
+        self._model = None  # the phases after this one measure bfloat16 weights again
+        return {"runs": runs}
 
     def plan(self) -> dict:
         setup = self.setup

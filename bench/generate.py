@@ -3,6 +3,7 @@ decoding the way the original does (transformers' KV cache for the text, cross-a
 
     python bench/generate.py                      # the small model below, float32, this CPU, batch 1 and 8
     python bench/generate.py --compare-layouts    # JAX alone: stacked vs unstacked layers (infer's default)
+    python bench/generate.py --compare-dtypes     # JAX alone: float32, bfloat16 and int8 weights, serving layout
     python bench/generate.py --model af2-3b --dtype bfloat16 --windows 12 --batches 1,8 --no-reference   # (GPU)
 
 Small model (the issue's): LM hidden 512, 8 layers, 8 heads / 2 KV, intermediate 1536, vocab 151669, cross-attention
@@ -153,6 +154,34 @@ def compare_layouts(config, dtype, args):
               f"{np.array_equal(tokens['stacked'], tokens['unstacked'])} | | | | | | |")
 
 
+def compare_dtypes(config, args):
+    """float32, bfloat16 and int8 weights (bfloat16 compute, and float32 compute) on the same random weights in the
+    serving layout, alternated twice per batch size; and how often int8's greedy tokens equal bfloat16's."""
+    from af2_jax.nn.quant import quantize_int8
+
+    models = {"float32": relayout(random_model_from(config, jnp.float32), scan_layers=False),
+              "bfloat16": relayout(random_model_from(config, jnp.bfloat16), scan_layers=False)}
+    models["int8"] = quantize_int8(relayout(random_model_from(config, jnp.bfloat16), scan_layers=False))
+    # int8 values computing in float32: on a CPU, where XLA emulates bfloat16 products, the faster way to use them.
+    models["int8, float32 compute"] = quantize_int8(relayout(random_model_from(config, jnp.float32),
+                                                             scan_layers=False))
+    print("| batch | weights | round | decode tok/s | weight bytes per step |")
+    print("|---|---|---|---|---|")
+    for batch in map(int, args.batches.split(",")):
+        data = inputs(config, batch, args.windows, args.prompt)
+        tokens = {}
+        for round_ in (1, 2):
+            for name, model in models.items():
+                r = bench_jax(model, *data, args.new, args.repeats)
+                tokens[name] = r["tokens"]
+                print(f"| {batch} | {name} | {round_} | {r['decode_tps']:.1f} | "
+                      f"{decode_weight_bytes(model) / 1e6:.0f} MB |", flush=True)
+        same = np.mean(tokens["int8"] == tokens["bfloat16"])
+        rows = np.mean(np.all(tokens["int8"] == tokens["bfloat16"], axis=-1))
+        print(f"| {batch} | int8 greedy tokens equal to bfloat16's: {100 * same:.1f}% of tokens, "
+              f"{100 * rows:.0f}% of rows entirely | | | |")
+
+
 def count_manifest_compilations(model, items=50, batch_size=8, new_tokens=8):
     """Distinct compiled programs for 50 mixed-length items answered in batches of 8 on the model's engine."""
     rng = np.random.default_rng(1)
@@ -187,6 +216,8 @@ def main():
                    help="decode with the layers stacked in one lax.scan (default: unstacked, as `infer`)")
     p.add_argument("--compare-layouts", action="store_true",
                    help="JAX only: stacked vs unstacked layers, alternated, on the same weights")
+    p.add_argument("--compare-dtypes", action="store_true",
+                   help="JAX only: float32, bfloat16 and int8 weights, alternated, on the same random weights")
     p.add_argument("--hbm-tbps", type=float, default=3.35, help="memory bandwidth for the roofline (H100 SXM: 3.35)")
     args = p.parse_args()
     config = bench_small_config() if args.model == "small" else preset(args.model)
@@ -194,6 +225,8 @@ def main():
     jax.config.update("jax_default_matmul_precision", "highest" if dtype == jnp.float32 else "default")
     if args.compare_layouts:
         return compare_layouts(config, dtype, args)
+    if args.compare_dtypes:
+        return compare_dtypes(config, args)
     model, ref = build_pair(config, not args.no_reference, dtype)
     model = relayout(model, args.scan_layers)
     device = jax.devices()[0]

@@ -1,7 +1,7 @@
 """Run in a subprocess with 8 simulated CPU devices (the flag must precede jax's start):
     python -m tests.sharding_check FIXTURE_DIR MESH [MESH ...]
 For each mesh: the fixture model sharded by the rules table gives the single-device logits (1e-5 relative) and the
-same greedy tokens, with the large parameters really split. Prints one line per mesh; exits non-zero on failure."""
+same greedy tokens, with the large parameters really split; its int8 form gives the single-device int8 tokens. Prints one line per mesh; exits non-zero on failure."""
 
 import json
 import os
@@ -129,13 +129,27 @@ def main(fixture: str, meshes: list[str]) -> None:
                                       np.asarray(model.layers.xattn.to_q.kernel[...][1]))
         tokens_unstacked = generate(unstacked, *(batch[n] for n in gen), max_new_tokens=8, mesh=mesh).tokens
         np.testing.assert_array_equal(tokens_unstacked, tokens_single)
+        # int8 serving: the int8 values and scales placed by the rules of the weights they replace, and the greedy
+        # tokens of the same int8 model on one device.
+        int8 = af2_jax.load(checkpoint, dtype="float32", mesh=mesh, scan_layers=False, quantize="int8")
+        for path, var in nnx.to_flat_state(nnx.state(int8)):
+            if path[-1] in ("kernel", "scale", "embedding") and var.get_metadata().get("out_sharding"):
+                value = var[...]
+                expected = placement.sharding(var.get_metadata()["out_sharding"], value.shape)
+                assert value.sharding.is_equivalent_to(expected, value.ndim), (spec, path, value.sharding, expected)
+        assert int8.layers[0].decoder.mlp.up_proj.kernel[...].dtype == np.int8
+        int8_single = af2_jax.load(checkpoint, dtype="float32", scan_layers=False, quantize="int8")
+        np.testing.assert_array_equal(
+            generate(int8, *(batch[n] for n in gen), max_new_tokens=8, mesh=mesh).tokens,
+            generate(int8_single, *(batch[n] for n in gen), max_new_tokens=8).tokens)
         if data > 1:  # a batch that does not split over the data axes is refused before anything compiles
             try:
                 batch_sharding(mesh, data + 1, 2)
                 raise AssertionError("an indivisible batch was accepted")
             except MeshError as refusal:
                 assert "does not split over data x fsdp" in str(refusal) and "\n" not in str(refusal)
-        print(f"{spec}: relative error {err:.1e}, greedy tokens equal, {split}/4 large parameters split", flush=True)
+        print(f"{spec}: relative error {err:.1e}, greedy tokens equal, {split}/4 large parameters split, int8 tokens "
+              "as on one device", flush=True)
         check_mirror(mesh, spec)
 
 

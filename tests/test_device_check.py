@@ -1,11 +1,13 @@
 """bench/device_check.py, the one accelerator script: its dry run (a tiny model on this CPU) goes through every
-phase and writes each phase's JSON, and it imports nothing beyond jax, flax, optax and numpy besides af2_jax (the
+phase and writes each phase's JSON (the train step in the slow suite), and it imports nothing beyond jax, flax, optax and numpy besides af2_jax (the
 lent GPU image installs af2-jax with --no-deps)."""
 
 import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 from tests.helpers import REPO
 
@@ -24,18 +26,35 @@ runpy.run_path({str(REPO / "bench" / "device_check.py")!r}, run_name="__main__")
 """
 
 
-def test_dry_run_writes_every_phase_without_audio_or_data_packages(tmp_path):
-    done = subprocess.run([sys.executable, "-c", RUN_BLOCKED, "--out", str(tmp_path), "--dry-run"],
+def _dry_run(out, *phases):
+    more = ["--phases", ",".join(phases)] if phases else []
+    done = subprocess.run([sys.executable, "-c", RUN_BLOCKED, "--out", str(out), "--dry-run", *more],
                           capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert done.returncode == 0, done.stderr[-3000:]
-    phases = ["decode", "compile", "encode", "slots32", "train", "plan"]
-    results = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in phases}
+    return done
+
+
+SERVING = ["decode", "int8", "compile", "encode", "slots32", "plan"]
+
+
+def test_dry_run_of_the_serving_phases_without_audio_or_data_packages(tmp_path):
+    """Every phase but the train step (its compilation alone takes 10 s here; the slow test below runs it)."""
+    done = _dry_run(tmp_path, *SERVING)
+    results = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in SERVING}
     decode, = results["decode"]["runs"]
     assert decode["decode_tokens_per_s"] > 0 and decode["step_bytes"] > 0 and decode["roofline_fraction"] is None
+    int8, = results["int8"]["runs"]
+    assert int8["step_bytes"] < decode["step_bytes"] and 0 <= int8["greedy_tokens_equal_to_bfloat16"] <= 1
     assert set(results["compile"]["warm_compile_s"]["slots2"]["by_kind"]) >= {"encode", "prefill", "decode"}
     assert results["encode"]["windows_per_s"] > 0 and results["slots32"]["slots"] == 2
-    assert results["train"]["tokens_per_s"] > 0 and results["train"]["mfu"] is None
-    assert results["train"]["parameters"]["trainable_text"] > 0 and results["train"]["parameters"]["frozen_backward"] > 0
     assert results["plan"]["predicted"]["weights"] > 0
     assert all(r["dry_run"] and r["device"]["platform"] == "cpu" for r in results.values())
-    assert "[plan]" in done.stdout
+    assert "[plan]" in done.stdout and not (tmp_path / "train.json").exists()
+
+
+@pytest.mark.slow
+def test_full_dry_run_with_the_train_step(tmp_path):
+    _dry_run(tmp_path)
+    train = json.loads((tmp_path / "train.json").read_text())
+    assert train["tokens_per_s"] > 0 and train["mfu"] is None
+    assert train["parameters"]["trainable_text"] > 0 and train["parameters"]["frozen_backward"] > 0

@@ -19,6 +19,7 @@ def _assert_equal(runs):
         meshes = run.args[4:]
         assert run.returncode == 0, run.stdout + run.stderr[-3000:]
         assert run.stdout.count("greedy tokens equal") == 2 * len(meshes), run.stdout
+        assert run.stdout.count("int8 tokens as on one device") == len(meshes), run.stdout
 
 
 @pytest.mark.child_processes(*_sharding_checks("data=2,fsdp=2,tensor=2"))
