@@ -120,6 +120,7 @@ def plan_serving(request: PlanRequest) -> dict:
     if request.hbm_gb is not None:
         # Caches grow with the rows; the temporaries are taken as at this batch (they grow too, a little).
         most = max(int((request.hbm_gb * 1e9 - weights - (temporaries or 0)) // (caches / rows)), 0)
+        most -= most % data_parallel_size(mesh)  # a batch must split over the data axes
         table += (f"\nat most {most} requests of these sizes fit in {request.hbm_gb:g} GB per device "
                   f"({caches / rows / 1e9:.4f} GB of caches each, temporaries as at this batch)")
     return {"weights": weights, "caches": caches, "temporaries": temporaries, "fits": fits, "table": table,

@@ -177,10 +177,11 @@ def timed_runs(engine, batch, repeats: int) -> tuple[list[dict], list[list[int]]
     return runs, [completion.tokens for completion in done]
 
 
-def peak_memory() -> int | None:
-
+def memory() -> dict:
+    """The device's bytes in use now and at the peak so far (since the process started: the peak cannot be reset, so
+    a phase's own peak is only bounded by it)."""
     stats = jax.devices()[0].memory_stats() or {}
-    return stats.get("peak_bytes_in_use")
+    return {"bytes_in_use": stats.get("bytes_in_use"), "peak_bytes_in_use": stats.get("peak_bytes_in_use")}
 
 
 class Check:
@@ -209,8 +210,7 @@ class Check:
         return self._model
 
     def write(self, phase: str, result: dict) -> None:
-        result = {"phase": phase, "device": self.device, "dry_run": self.dry_run, **result,
-                  "peak_bytes_in_use": peak_memory()}
+        result = {"phase": phase, "device": self.device, "dry_run": self.dry_run, **result, **memory()}
         self.results[phase] = result
         (self.out / f"{phase}.json").write_text(json.dumps(result, indent=2) + "\n")
         print(f"[{phase}] " + json.dumps({k: v for k, v in result.items() if k not in ("device", "phase")}),
@@ -349,7 +349,7 @@ class Check:
         predicted = plan_serving(PlanRequest(model=model, batch=rows, windows=setup.windows, prompt=setup.prompt,
                                              new=setup.new, temporaries=not self.dry_run))
         total = predicted["weights"] + predicted["caches"] + (predicted["temporaries"] or 0)
-        measured = self.results.get("decode", {}).get("peak_bytes_in_use") or peak_memory()
+        measured = self.results.get("decode", {}).get("peak_bytes_in_use") or memory()["peak_bytes_in_use"]
         return {"slots": rows, "predicted_bytes": total, "predicted": {k: predicted[k] for k in
                                                                        ("weights", "caches", "temporaries")},
                 "measured_peak_bytes": measured, "measured_over_predicted": measured / total if measured else None,

@@ -1,7 +1,8 @@
 """Run in a subprocess with 8 simulated CPU devices (the flag must precede jax's start):
     python -m tests.sharding_check FIXTURE_DIR MESH [MESH ...]
 For each mesh: the fixture model sharded by the rules table gives the single-device logits (1e-5 relative) and the
-same greedy tokens, with the large parameters really split; its int8 form gives the single-device int8 tokens. Prints one line per mesh; exits non-zero on failure."""
+same greedy tokens, with the large parameters really split; its int8 form gives the single-device int8
+tokens. Prints one line per mesh; exits non-zero on failure."""
 
 import json
 import os

@@ -1,6 +1,6 @@
 """bench/device_check.py, the one accelerator script: its dry run (a tiny model on this CPU) goes through every
-phase and writes each phase's JSON (the train step in the slow suite), and it imports nothing beyond jax, flax, optax and numpy besides af2_jax (the
-lent GPU image installs af2-jax with --no-deps)."""
+phase and writes each phase's JSON (the train step in the slow suite), and it imports nothing beyond jax, flax,
+optax and numpy besides af2_jax (the lent GPU image installs af2-jax with --no-deps)."""
 
 import json
 import os

@@ -98,6 +98,10 @@ def test_a_killed_run_resumes_and_scores_every_item_once(demo_held_out, tmp_path
     err = capsys.readouterr().err
     assert "another manifest, metric, prompt or decoding" in err and err.count("error: ") == 1
     assert (out / "predictions.jsonl").read_bytes() == before
+    # ... and so is the same config with int8 weights: one folder never mixes predictions of two models.
+    assert _run(folder, out, "--benchmarks", "demo_tones", "--quantize", "int8") == EXIT_INPUT
+    assert "quantize None, max_windows None, not checkpoint" in capsys.readouterr().err
+    assert (out / "predictions.jsonl").read_bytes() == before
 
 
 def _manifest(path: Path, data: dict, split_path: str = "audio") -> None:
@@ -134,7 +138,8 @@ def test_bad_data_is_one_line_each_and_the_run_goes_on(demo_held_out, tmp_path, 
     assert err.count(f"tones 1: {broken}") == 1  # the undecodable file, named once
     results = json.loads((out / "results.json").read_text())["benchmarks"]
     assert (results["tones"]["n"], results["tones"]["missing"]) == (2, 1)
-    assert results["tones"]["missing_items"][0]["id"] == "1" and str(broken) in results["tones"]["missing_items"][0]["why"]
+    missing, = results["tones"]["missing_items"]
+    assert missing["id"] == "1" and str(broken) in missing["why"]
     assert results["gone"]["value"] is None and "does not exist" in results["gone"]["skipped"]
     assert results["judged"]["skipped"].startswith("scored by an LLM judge") and results["judged"]["reported"] == 0.9
     report = (out / "report.md").read_text()
@@ -154,6 +159,8 @@ def test_bad_data_is_one_line_each_and_the_run_goes_on(demo_held_out, tmp_path, 
      "  - {name: a, manifest: B/test.json, metric: accuracy}\n", "the name 'a' is used twice"),
     ("benchmarks:\n  - {name: a, manifest: A/test.json, metric: accuracy, prompt: '{question'}\n",
      "prompt is not a valid template"),
+    ("benchmarks:\n  - {name: a, manifest: A/test.json, metric: accuracy, prompt: 'say {0}'}\n",
+     "prompt names fields by position"),
 ])
 def test_config_errors_are_one_line_and_exit_1_before_loading(text, message, tmp_path, capsys, cli_logging):
     config = tmp_path / "config.yaml"
@@ -176,7 +183,8 @@ def test_command_line_mistakes(tmp_path, capsys, cli_logging):
     assert "has no config.yaml; pass --config FILE" in capsys.readouterr().err
     (tmp_path / "predictions.jsonl").write_text('{"benchmark": "demo_tones", "id": 0, "prediction": "low"}\n')
     assert eval_cli(["score", str(tmp_path), "--config", str(DEMO_CONFIG)]) == EXIT_INPUT
-    assert 'predictions.jsonl:1: a predictions line needs "benchmark", "id", "reference"' in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert 'predictions.jsonl:1: a predictions line needs "benchmark" (a string), "id", "reference"' in err
 
 
 def test_presets_parse_and_name_the_model_card():
@@ -252,3 +260,35 @@ def test_eval_on_every_held_out_item_matches_the_recorded_results(tmp_path, cli_
     for benchmark, task in zip(load_eval_config(DEMO_CONFIG).benchmarks, tasks):
         got = results[benchmark.name]
         assert got["n"] == per_task and abs(got["value"] - recorded[task]) * per_task <= 1 + 1e-9, (task, got)
+
+
+def test_score_keeps_the_last_line_of_an_item_and_needs_mmau_options(tmp_path, cli_logging, capsys):
+    """Predictions from elsewhere: a retried item's later line wins over its earlier "missing" one, a last line cut
+    off is left out, and mmau_choice without options is one error line."""
+    config = tmp_path / "c.yaml"
+    config.write_text("benchmarks:\n  - {name: q, manifest: Q/test.json, metric: accuracy}\n"
+                      "  - {name: m, manifest: M/test.json, metric: mmau_choice}\n")
+    lines = [{"benchmark": "q", "id": 1, "reference": "low", "missing": "no such file"},
+             {"benchmark": "q", "id": 1, "reference": "low", "prediction": "Low."},
+             {"benchmark": "q", "id": 2, "reference": "high", "prediction": "low"},
+             {"benchmark": "m", "id": 1, "reference": "a dog", "prediction": "(A) a dog",
+              "prompt": "What? (A) a dog (B) a cat\nAnswer with the option."}]
+    (tmp_path / "predictions.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"benchmark": "q", "i')
+    assert eval_cli(["score", str(tmp_path), "--config", str(config)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())["benchmarks"]
+    assert (results["q"]["value"], results["q"]["n"], results["q"]["missing"]) == (0.5, 2, 0)
+    assert results["m"]["value"] == 1.0 and "incomplete last line" in capsys.readouterr().err
+    lines[3]["prompt"] = "What is it?"
+    (tmp_path / "predictions.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert eval_cli(["score", str(tmp_path), "--config", str(config)]) == EXIT_INPUT
+    assert "mmau_choice needs each item's options" in capsys.readouterr().err
+
+
+def test_an_options_template_needs_choices(tmp_path):
+    _manifest(tmp_path / "Set/test.json", {"0": {"name": "a.wav", "output": "x", "question": "What?"}})
+    with pytest.raises(BenchmarkDataError, match=r"item 0 has no \"choices\", which the prompt template's \{options\}"):
+        benchmark_items(Benchmark("b", "Set/test.json", "mmau_choice", "{question}\n{options}"), tmp_path,
+                        captions=False)
+    _manifest(tmp_path / "Set/test.json", {"0": {"name": "a.wav", "output": "x", "audio_start": None}})
+    with pytest.raises(BenchmarkDataError, match="benchmark b: item 0 cannot be used"):
+        benchmark_items(Benchmark("b", "Set/test.json", "accuracy", "q"), tmp_path, captions=False)

@@ -126,6 +126,7 @@ def load(path, dtype="bfloat16", mesh=None, *, param_dtype=None, scan_layers: bo
     for slot in model_slots:
         slot.assign(restored.pop(slot.path), device)
     if quantize == "int8":
+        del model_slots  # they hold the float weights: let each go as its int8 form replaces it
         quantize_int8(model)
         if mesh is not None:
             shard_model(model, mesh)  # the int8 values and scales where the rules put the weights they replace

@@ -46,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument("--checkpoint", metavar="DIR",
                        help="af2-jax checkpoint folder; default: the config's checkpoint, else the converted release "
                             "in the cache, else the demo model (announced)")
-    model.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    model.add_argument("--dtype", choices=["bfloat16", "float32"],
+                       help="compute dtype; default: the config's dtype, else bfloat16")
     model.add_argument("--quantize", choices=["int8"], help=QUANTIZE_HELP)
     model.add_argument("--mesh", metavar="SPEC",
                        help="shard over devices, e.g. 'tensor=4' or 'data=2,tensor=4'; default: one device")
@@ -137,8 +138,12 @@ def _run(args) -> int:
     mesh = make_mesh(args.mesh) if args.mesh else None
     if mesh is not None:
         check_batch_splits(mesh, args.slots, "--slots", fix="pass a multiple of {data}")
-    path, why = resolve_checkpoint(args.checkpoint or config.checkpoint, dtype=args.dtype)
-    config = dataclasses.replace(config, checkpoint=str(path.resolve()), data_root=str(data_root))
+    dtype = args.dtype or config.dtype or "bfloat16"
+    path, why = resolve_checkpoint(args.checkpoint or config.checkpoint, dtype=dtype)
+    # The run's settings, written to OUT/config.yaml: a rerun into OUT must agree with them.
+    config = dataclasses.replace(config, checkpoint=str(path.resolve()), data_root=str(data_root), dtype=dtype,
+                                 quantize=args.quantize or config.quantize,
+                                 max_windows=args.max_windows or config.max_windows)
     work = plan(config, data_root, args.limit)
     with contextlib.ExitStack() as stack:
         output = stack.enter_context(EvalOutput(args.output, config))
@@ -149,13 +154,15 @@ def _run(args) -> int:
         if pending:
             model_config, _ = read_config(path)
             tokenizer = load_tokenizer(path, model_config.tokens)
-            model = load_model(path, why, dtype=args.dtype, mesh=mesh, quantize=args.quantize)
+            model = load_model(path, why, dtype=dtype, mesh=mesh, quantize=config.quantize)
             longest = max(b.decoding.max_new_tokens for b in config.benchmarks)
             engine = engine_for(model, tokenizer, slots=args.slots, mesh=mesh,
-                                max_len=tokenizer.max_prompt_tokens + longest, max_windows=args.max_windows)
+                                max_len=tokenizer.max_prompt_tokens + longest, max_windows=config.max_windows)
             made, seconds = predict(engine, output, pending, config)
         facts = {"checkpoint": config.checkpoint, "wall_s": round(time.perf_counter() - start, 3),
                  "items_per_s": round(made / seconds, 4) if seconds else None}
+        if not made:  # nothing left to predict: the run that made the predictions keeps its figures
+            facts.update(output.earlier_facts())
         results = output.finish(work.items, facts, work.skipped)
     if results:
         _log_results(results, args.output)

@@ -28,13 +28,13 @@ def _parser():
     p.add_argument("--model", default="af2-3b", help=f"preset ({', '.join(sorted(PRESETS))}) or config.json")
     p.add_argument("--mesh", default="tensor=1", help="e.g. 'tensor=4', 'data=2,tensor=4'")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    p.add_argument("--quantize", choices=["int8"], help="(serving) int8 weights, as `infer --quantize int8`; with "
-                   "--hbm-gb, the largest batch that fits is shown for any plan")
+    p.add_argument("--quantize", choices=["int8"], help="(serving) int8 weights, as `infer --quantize int8`")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--windows", type=int, default=12, help="10 s windows per clip (30 = 5 minutes)")
     p.add_argument("--prompt", type=int, default=512, help="prompt tokens")
     p.add_argument("--new", type=int, default=256, help="new tokens")
-    p.add_argument("--hbm-gb", type=float, help="device memory to check against, in GB (1e9 bytes)")
+    p.add_argument("--hbm-gb", type=float, help="device memory to check against, in GB (1e9 bytes); serving plans "
+                   "also show the largest batch that fits")
     p.add_argument("--no-compile", action="store_true", help="skip the compiled programs' temporaries")
     p.add_argument("--scan-layers", action="store_true",
                    help="(serving) plan the stacked-layer layout, as `infer --scan-layers`")
@@ -44,7 +44,11 @@ def _parser():
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.quantize and (args.train or args.scan_layers):
+        parser.error("--quantize plans int8 serving with one buffer per layer; it does not combine with --train or "
+                     "--scan-layers")
     setup_logging()
     return run_command(lambda: _run(args))
 

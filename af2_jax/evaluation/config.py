@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from af2_jax.config import PlainDataRules, build_dataclass, parse_yaml
+from af2_jax.config import PlainDataRules, build_dataclass, check_max_windows, parse_yaml
 from af2_jax.engine import Sampling
 from af2_jax.evaluation.scoring import METRIC_NAMES
 
@@ -74,17 +74,27 @@ class Benchmark:
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """A whole evaluation: the benchmarks, the sampling seed, and the checkpoint and data root when the file names
-    them (the command's flags win)."""
+    """A whole evaluation: the benchmarks, the sampling seed, and the run's settings when the file names them
+    (checkpoint, data root, dtype, int8 weights, windows per clip; the command's flags win). A run writes all of them
+    to OUT/config.yaml."""
 
     benchmarks: tuple[Benchmark, ...] = ()
     seed: int = 0
     checkpoint: str | None = None
     data_root: str | None = None
+    dtype: str | None = None
+    quantize: str | None = None
+    max_windows: int | None = None
+
+    def run_identity(self) -> tuple:
+        """What shapes every prediction besides each benchmark's own settings: two runs into one folder must agree."""
+        return self.checkpoint, self.seed, self.dtype, self.quantize, self.max_windows
 
     def select(self, names: list[str]) -> EvalConfig:
         """The config with only the benchmarks `names` (in the config's order); an unknown name is an error."""
         known = [b.name for b in self.benchmarks]
+        if not names:
+            raise EvalConfigError(f"--benchmarks names no benchmark; the config has: {', '.join(known)}")
         unknown = [n for n in names if n not in known]
         if unknown:
             raise EvalConfigError(f"--benchmarks: {unknown[0]!r} is not a benchmark of the config; it has: "
@@ -119,8 +129,8 @@ def _leaf(key: str, field: dataclasses.Field, value, default):
     if value is None and optional:
         return None
     if isinstance(value, bool) or not isinstance(value, _ALLOWED[kind]):
-        raise EvalConfigError(f"{key} must be {'an integer' if kind == 'int' else 'a number' if kind == 'float' else 'a string'}"
-                              f"{' or null' if optional else ''}, got {value!r:.60}")
+        wanted = {"int": "an integer", "float": "a number", "str": "a string"}[kind]
+        raise EvalConfigError(f"{key} must be {wanted}{' or null' if optional else ''}, got {value!r:.60}")
     return float(value) if kind == "float" else value
 
 
@@ -142,10 +152,13 @@ def _check_benchmark(b: Benchmark, where: str) -> None:
     if b.metric not in METRIC_NAMES:
         raise EvalConfigError(f"{where}: unknown metric {b.metric!r}; metrics: {', '.join(METRIC_NAMES)}")
     try:
-        list(string.Formatter().parse(b.template))
+        fields = [name for _, name, _, _ in string.Formatter().parse(b.template) if name is not None]
     except ValueError as err:
         raise EvalConfigError(f"{where}: prompt is not a valid template ({err}); fields are written {{field}}, a "
                               "brace itself {{ or }}") from None
+    if any(not name or name[0].isdigit() for name in fields):
+        raise EvalConfigError(f"{where}: prompt names fields by position ({{}} or {{0}}); name an item field, e.g. "
+                              "{question}")
     try:
         b.decoding.sampling(0)
     except ValueError as err:
@@ -168,6 +181,14 @@ def eval_config_from_data(data: Any, source: str = "the config") -> EvalConfig:
             raise EvalConfigError(f"benchmarks[{i}]: the name {b.name!r} is used twice; names must be unique")
     if config.seed < 0:
         raise EvalConfigError(f"seed must be >= 0, got {config.seed}")
+    if config.max_windows is not None:
+        try:
+            check_max_windows(config.max_windows, "max_windows=")
+        except ValueError as err:
+            raise EvalConfigError(str(err)) from None
+    if config.dtype not in (None, "bfloat16", "float32") or config.quantize not in (None, "int8"):
+        raise EvalConfigError(f"dtype is bfloat16 or float32 and quantize is int8 (or leave them out), got "
+                              f"{config.dtype!r} and {config.quantize!r}")
     return config
 
 

@@ -62,6 +62,8 @@ def _item(benchmark, key: str, entry, data_root: Path, split_path: str) -> EvalI
     choices = entry.get("choices")
     if choices is not None and not (isinstance(choices, list) and all(isinstance(c, str) for c in choices)):
         raise BenchmarkDataError(f"item {key}: \"choices\" must be a list of strings, got {str(choices)[:60]}")
+    if choices is None and "{options}" in benchmark.template:
+        raise BenchmarkDataError(f"item {key} has no \"choices\", which the prompt template's {{options}} lists")
     fields = _Fields(entry, __key=key, options=options(choices or []))
     group = None
     if benchmark.group_by:
@@ -89,8 +91,14 @@ def benchmark_items(benchmark, data_root, *, captions: bool, limit: int | None =
         for number in range(contents["total_num"]):
             key = str(number)
             if key not in contents["data"]:
-                raise BenchmarkDataError(f"{path}: data has no item {key!r}; items are keyed \"0\" to \"total_num - 1\"")
-            item = _item(benchmark, key, contents["data"][key], data_root, split_path)
+                raise BenchmarkDataError(f"{path}: data has no item {key!r}; items are keyed \"0\" to "
+                                         "\"total_num - 1\"")
+            try:
+                item = _item(benchmark, key, contents["data"][key], data_root, split_path)
+            except (TypeError, KeyError, IndexError, AttributeError, ValueError) as err:
+                if isinstance(err, BenchmarkDataError):
+                    raise
+                raise BenchmarkDataError(f"item {key} cannot be used ({type(err).__name__}: {err})") from None
             same = (item.audio, item.start, item.prompt)
             if captions and same in merged:
                 first = items[merged[same]]
@@ -100,6 +108,6 @@ def benchmark_items(benchmark, data_root, *, captions: bool, limit: int | None =
                 merged[same] = len(items)
                 item = dataclasses.replace(item, reference=(item.reference,))
             items.append(item)
-    except (BenchmarkDataError, ValueError) as err:
+    except ValueError as err:
         raise BenchmarkDataError(f"benchmark {benchmark.name}: {err}") from None
     return items[:limit] if limit else items

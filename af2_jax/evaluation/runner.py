@@ -28,11 +28,10 @@ from tqdm import tqdm
 from af2_jax.audio.io import AudioError, load_windows
 from af2_jax.distributed import is_main_process, main_process_value
 from af2_jax.engine import Request
-from af2_jax.evaluation.config import EvalConfig, EvalConfigError, eval_config_from_data
+from af2_jax.evaluation.config import EvalConfig, EvalConfigError, load_eval_config
 from af2_jax.evaluation.data import BenchmarkDataError, EvalItem, benchmark_items
 from af2_jax.evaluation.scoring import (METRICS, draw_chart, item_scores, report_markdown, score_benchmarks,
                                         skip_reason)
-from af2_jax.config import parse_yaml
 from af2_jax.manifest import lock_output, read_appended, write_lines_atomically
 from af2_jax.tokenizer import TokenizerError
 
@@ -80,7 +79,7 @@ def _prediction_record(line: bytes) -> dict | None:
     except ValueError:
         return None
     if isinstance(record, dict) and isinstance(record.get("benchmark"), str) and isinstance(record.get("id"), str) \
-            and "reference" in record \
+            and isinstance(record.get("prompt"), str) and "reference" in record \
             and isinstance(record.get("prediction"), str) != isinstance(record.get("missing"), str):
         return record
     return None
@@ -94,9 +93,10 @@ def _merged(old: EvalConfig, new: EvalConfig, folder: Path) -> EvalConfig:
     """`new` with the benchmarks an earlier run in `folder` made and this one does not name; refuses a `new` whose
     predictions would differ from the ones already there."""
     fix = f"pass another --output, or delete {folder} to start again"
-    if (old.checkpoint, old.seed) != (new.checkpoint, new.seed):
-        raise EvalConfigError(f"{folder} holds predictions of checkpoint {old.checkpoint} with seed {old.seed}, not "
-                              f"{new.checkpoint} with seed {new.seed}; {fix}")
+    if old.run_identity() != new.run_identity():
+        shown = "checkpoint {}, seed {}, dtype {}, quantize {}, max_windows {}"
+        raise EvalConfigError(f"{folder} holds predictions made with {shown.format(*old.run_identity())}, not "
+                              f"{shown.format(*new.run_identity())}; {fix}")
     earlier = {b.name: b for b in old.benchmarks}
     for b in new.benchmarks:
         if b.name in earlier and _shapes_predictions(earlier[b.name]) != _shapes_predictions(b):
@@ -133,8 +133,7 @@ class EvalOutput:
 
     def _open(self) -> None:
         if (self.folder / CONFIG).is_file():
-            old = eval_config_from_data(parse_yaml((self.folder / CONFIG).read_text()), str(self.folder / CONFIG))
-            self.config = _merged(old, self.config, self.folder)
+            self.config = _merged(load_eval_config(self.folder / CONFIG), self.config, self.folder)
         elif self.predictions.exists():
             raise ValueError(f"{self.folder} has {PREDICTIONS} but no {CONFIG}: it is not an evaluation folder of "
                              f"this command; pass another --output (or score it: eval score {self.folder} --config "
@@ -145,7 +144,7 @@ class EvalOutput:
             log.warning("%s: dropping an incomplete last line left by an interrupted run", self.predictions)
             with open(self.predictions, "r+b") as f:
                 f.truncate(complete)
-        (self.folder / CONFIG).write_text(self.config.to_yaml())
+        write_lines_atomically(self.folder / CONFIG, [self.config.to_yaml()])
 
     def __exit__(self, *exc) -> bool:
         for f in (self._out, self._lock_file):
@@ -160,13 +159,21 @@ class EvalOutput:
         if self.main:
             for n, it in enumerate(items):
                 old = self.records.get((it.benchmark, it.id))
-                if old is not None and old["prompt"] != it.prompt:
+                if old is not None and old.get("prompt") != it.prompt:
                     raise ValueError(f"{self.predictions} answers {it.benchmark} id {it.id} for the prompt "
                                      f"{old['prompt'][:40]!r}, but the manifest now asks {it.prompt[:40]!r}; pass "
                                      f"another --output, or delete {self.folder} to start again")
                 left[n] = old is None or "prediction" not in old
         left = main_process_value(left)
         return [it for it, wanted in zip(items, left) if wanted]
+
+    def earlier_facts(self) -> dict:
+        """The wall time and items/s results.json recorded for the run that made the predictions, if any."""
+        try:
+            earlier = json.loads((self.folder / RESULTS).read_text())
+        except (OSError, ValueError):
+            return {}
+        return {key: earlier.get(key) for key in ("wall_s", "items_per_s")}
 
     def write(self, item: EvalItem, **result) -> None:
         record = {**item.record(), **result}
@@ -183,6 +190,11 @@ class EvalOutput:
         if not self.main:
             return {}
         order = {(it.benchmark, it.id): n for n, it in enumerate(items)}
+        for it in items:  # what the manifest says now (a corrected reference, a new group_by) wins over old lines
+            record = self.records.get((it.benchmark, it.id))
+            if record is not None:
+                record.pop("score", None)
+                record.update(it.record())
         records = sorted(self.records.values(), key=lambda r: order.get((r["benchmark"], r["id"]), len(order)))
         metrics = {b.name: b.metric for b in self.config.benchmarks}
         for name, metric in metrics.items():
@@ -202,7 +214,8 @@ def write_results(folder: Path, config: EvalConfig, records: list[dict], facts: 
     for name, why in (skipped or {}).items():
         if name in benchmarks and benchmarks[name]["value"] is None:
             benchmarks[name]["skipped"] = why
-    results = {"benchmarks": benchmarks, "checkpoint": facts.get("checkpoint"), "config_hash": config.digest(),
+    results = {"benchmarks": benchmarks, "checkpoint": facts.get("checkpoint"), "dtype": config.dtype,
+               "quantize": config.quantize, "config_hash": config.digest(),
                "prompt_templates": {b.name: b.template for b in config.benchmarks}, "seed": config.seed,
                "wall_s": facts.get("wall_s"), "items_per_s": facts.get("items_per_s")}
     text = json.dumps(results, indent=2) + "\n"
@@ -239,30 +252,39 @@ def predict(engine, output: EvalOutput, items: list[EvalItem], config: EvalConfi
 
 def read_predictions(path: Path) -> list[dict]:
     """Prediction records from a predictions.jsonl written here or elsewhere (the original's outputs turned into
-    lines): each needs "benchmark", "id", "reference" and "prediction" (or "missing")."""
+    lines): each needs "benchmark" and "id", "reference" (a string, or a list of strings) and "prediction" (or
+    "missing"). A later line for the same benchmark and id replaces an earlier one (a retried item); a last line
+    cut off by a kill is left out."""
     if not path.is_file():
         raise ValueError(f"{path}: no such file; `eval score OUT` reads OUT/{PREDICTIONS}")
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    text = path.read_text()
+    lines = text.split("\n")
+    records: dict[tuple[str, str], dict] = {}
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except ValueError:
+            if number == len(lines):  # no newline after it: the line a kill cut off
+                log.warning("%s: leaving out an incomplete last line", path)
+                continue
             raise ValueError(f"{path}:{number}: not valid JSON; fix or remove the line") from None
-        if not isinstance(record, dict) or not {"benchmark", "id", "reference"} <= set(record) \
+        reference = record.get("reference") if isinstance(record, dict) else None
+        if not isinstance(record, dict) or not isinstance(record.get("benchmark"), str) or "id" not in record \
+                or not (isinstance(reference, str) or isinstance(reference, list) and reference
+                        and all(isinstance(r, str) for r in reference)) \
                 or not isinstance(record.get("prediction", record.get("missing")), str):
-            raise ValueError(f'{path}:{number}: a predictions line needs "benchmark", "id", "reference" and '
-                             '"prediction" (a string)')
-        records.append({**record, "id": str(record["id"])})
-    return records
+            raise ValueError(f'{path}:{number}: a predictions line needs "benchmark" (a string), "id", "reference" '
+                             '(a string or a list of strings) and "prediction" (a string)')
+        record = {**record, "id": str(record["id"])}
+        records[record["benchmark"], record["id"]] = record
+    return list(records.values())
 
 
 def score_folder(folder, config_path=None) -> dict:
     """`eval score`: results and report of `folder` recomputed from its predictions, with the config of the run
     (or `config_path`, for predictions made elsewhere); the run's facts are kept from its results.json."""
-    from af2_jax.evaluation.config import load_eval_config
-
     folder = Path(folder)
     if config_path is not None:
         config = load_eval_config(config_path)

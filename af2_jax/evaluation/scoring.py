@@ -56,11 +56,19 @@ def _one_reference_wer(prediction: str, reference: str, choices) -> float | None
     return wer([prediction], [reference]) if reference.strip() else None
 
 
+def _mmau(predictions, references, choices) -> dict:
+    """MMAU's rule needs each item's options: without them every answer naming the reference would count."""
+    if any(not c for c in choices):
+        raise ValueError("mmau_choice needs each item's options: a \"choices\" list, or a prompt listing (A) ... "
+                         "(B) ...")
+    return mmau_choice(predictions, references, choices)
+
+
 _EXACT = Metric(lambda p, r, c: {"value": exact_match(p, r)}, lambda p, r, c: float(is_exact(p, r)))
 METRICS: dict[str, Metric] = {
     "exact_match": _EXACT,
     "accuracy": _EXACT,  # single-label classification: the same comparison
-    "mmau_choice": Metric(mmau_choice, lambda p, r, c: float(is_correct_choice(p, r, c))),
+    "mmau_choice": Metric(_mmau, lambda p, r, c: float(is_correct_choice(p, r, c))),
     "f1_macro": Metric(lambda p, r, c: {"value": f1_macro(p, r)}),
     "f1_micro": Metric(lambda p, r, c: {"value": f1_micro(p, r)}, lambda p, r, c: f1_micro([p], [r])),
     "wer": Metric(lambda p, r, c: {"value": wer(p, r)}, _one_reference_wer),
@@ -89,6 +97,7 @@ def _references(record: dict, metric: Metric, benchmark: str) -> object:
         raise ValueError(f"benchmark {benchmark}, id {record['id']}: the reference is a list, but its metric takes one "
                          "reference per item")
     return reference
+
 
 
 def _choices(record: dict) -> list[str]:

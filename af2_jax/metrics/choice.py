@@ -14,7 +14,8 @@ import re
 from typing import Sequence
 
 _TOKEN = re.compile(r"\b\w+\b")
-_OPTION = re.compile(r"\(([A-Za-z])\)\s*(.*?)\s*(?=\([A-Za-z]\)|$)", re.S)
+# An option: "(A)" at a line start or after a space, its text up to the next option or the end of its line.
+_OPTION = re.compile(r"(?:^|(?<=\s))\(([A-Z])\)[ \t]*(.*?)[ \t]*(?=\s+\([A-Z]\)|\n|$)", re.M)
 _LETTER = re.compile(r"^\s*\(?[A-Za-z]\)?[.:]?\s*$")
 
 
@@ -23,7 +24,8 @@ def _tokens(text: str) -> set[str]:
 
 
 def choices_from_prompt(prompt: str) -> list[str]:
-    """The option texts of a prompt that lists them as `(A) text (B) text ...` (on one line or several)."""
+    """The option texts of a prompt that lists them as `(A) text (B) text ...` (upper-case letters, on one line or
+    one per line; the last option ends with its line)."""
     return [text.strip() for _, text in _OPTION.findall(prompt) if text.strip()]
 
 

@@ -2,10 +2,11 @@
 
 Each quantized weight matrix is stored as int8 values `q` and one float32 scale per output channel `s`:
 `s = max |W[:, j]| / 127` (1 for an all-zero column) and `q = round(W / s)` in -127..127 (symmetric, no zero
-point). A product computes `(x @ q) * s` in the module's dtype, so the int8 values are converted inside the
-product (XLA fuses the conversion into the matmul's operand on accelerators) and no dequantized copy of a weight
-is kept. The rounding error of a weight is at most half its channel's step, `s / 2`, so an output channel `j` of a
-product moves by at most `s_j / 2 * sum_i |x_i|` (`tests/test_quant.py` checks this bound).
+point). A product computes `(x @ q) * s`: the int8 values are converted to the module's dtype inside the product
+(XLA fuses the conversion into the matmul's operand on accelerators, so no dequantized copy of a weight is kept),
+which accumulates in float32, where the float32 scale applies before the one rounding to the module's dtype. The
+rounding error of a weight is at most half its channel's step, `s / 2`, so an output channel `j` of a product moves
+by at most `s_j / 2 * sum_i |x_i|` (`tests/test_quant.py` checks this bound).
 
 Quantized: every linear layer of the language model's decoder layers and of the cross-attention blocks (`QUANTIZED`),
 and the tied embedding (its rows are the output projection's channels, so a scale per vocabulary row). The audio
@@ -63,7 +64,9 @@ class Int8Linear(nnx.Module):
         return cls(kernel, scale, linear.bias, axes=_axes(linear.kernel), dtype=linear.dtype or jnp.float32)
 
     def __call__(self, x):
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype)) * self.scale[...].astype(self.dtype)
+        # The product accumulates in float32 and the float32 scale applies there: one rounding to `dtype`, at the end.
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype), preferred_element_type=jnp.float32)
+        y = (y * self.scale[...]).astype(self.dtype)
         return y if self.bias is None else y + self.bias[...].astype(self.dtype)
 
 
@@ -86,8 +89,9 @@ class Int8Embed(nnx.Module):
         return rows * self.scale[...][ids][..., None].astype(self.dtype)
 
     def attend(self, x):
-        logits = jnp.dot(x.astype(self.dtype), self.embedding[...].T.astype(self.dtype))
-        return logits * self.scale[...].astype(self.dtype)
+        logits = jnp.dot(x.astype(self.dtype), self.embedding[...].T.astype(self.dtype),
+                         preferred_element_type=jnp.float32)
+        return (logits * self.scale[...]).astype(self.dtype)
 
 
 def _submodule(module, dotted: str):
