@@ -134,6 +134,18 @@ def bench_reference(ref, audio, audio_mask, ids, mask, new_tokens, repeats):
             (t_all - t_one), "total": t_all, "tokens": tokens}
 
 
+def alternated(models: dict, data, args, show) -> dict:
+    """Every model run twice on the same inputs, alternated, so that a noisy machine affects all of them alike;
+    `show(name, round, result)` prints a row. Returns each model's greedy tokens."""
+    tokens = {}
+    for round_ in (1, 2):
+        for name, model in models.items():
+            result = bench_jax(model, *data, args.new, args.repeats)
+            tokens[name] = result["tokens"]
+            show(name, round_, result)
+    return tokens
+
+
 def compare_layouts(config, dtype, args):
     """Stacked vs unstacked layers on the same random weights, alternated twice per batch size so that a noisy
     machine affects both alike."""
@@ -142,14 +154,11 @@ def compare_layouts(config, dtype, args):
     print("| batch | layers | round | encode s | prefill s | decode tok/s | total s | compile s |")
     print("|---|---|---|---|---|---|---|---|")
     for batch in map(int, args.batches.split(",")):
-        data = inputs(config, batch, args.windows, args.prompt)
-        tokens = {}
-        for round_ in (1, 2):
-            for name, model in models.items():
-                r = bench_jax(model, *data, args.new, args.repeats)
-                tokens[name] = r["tokens"]
-                print(f"| {batch} | {name} | {round_} | {r['encode']:.3f} | {r['prefill']:.3f} | "
-                      f"{r['decode_tps']:.1f} | {r['total']:.3f} | {r['compile']:.1f} |", flush=True)
+        def show(name, round_, r):
+            print(f"| {batch} | {name} | {round_} | {r['encode']:.3f} | {r['prefill']:.3f} | {r['decode_tps']:.1f} | "
+                  f"{r['total']:.3f} | {r['compile']:.1f} |", flush=True)
+
+        tokens = alternated(models, inputs(config, batch, args.windows, args.prompt), args, show)
         print(f"| {batch} | greedy tokens identical across layouts: "
               f"{np.array_equal(tokens['stacked'], tokens['unstacked'])} | | | | | | |")
 
@@ -168,14 +177,11 @@ def compare_dtypes(config, args):
     print("| batch | weights | round | decode tok/s | weight bytes per step |")
     print("|---|---|---|---|---|")
     for batch in map(int, args.batches.split(",")):
-        data = inputs(config, batch, args.windows, args.prompt)
-        tokens = {}
-        for round_ in (1, 2):
-            for name, model in models.items():
-                r = bench_jax(model, *data, args.new, args.repeats)
-                tokens[name] = r["tokens"]
-                print(f"| {batch} | {name} | {round_} | {r['decode_tps']:.1f} | "
-                      f"{decode_weight_bytes(model) / 1e6:.0f} MB |", flush=True)
+        def show(name, round_, r):
+            print(f"| {batch} | {name} | {round_} | {r['decode_tps']:.1f} | "
+                  f"{decode_weight_bytes(models[name]) / 1e6:.0f} MB |", flush=True)
+
+        tokens = alternated(models, inputs(config, batch, args.windows, args.prompt), args, show)
         same = np.mean(tokens["int8"] == tokens["bfloat16"])
         rows = np.mean(np.all(tokens["int8"] == tokens["bfloat16"], axis=-1))
         print(f"| {batch} | int8 greedy tokens equal to bfloat16's: {100 * same:.1f}% of tokens, "
