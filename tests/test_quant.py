@@ -73,6 +73,15 @@ def test_int8_answers_the_held_out_items_as_bfloat16(demo_held_out, demo_answers
     assert len(keys) == 48 and len(differ) <= 1, differ
 
 
+def test_quantize_with_the_stacked_layers_is_a_usage_error(capsys):
+    from af2_jax.cli.infer import main as infer_cli
+
+    with pytest.raises(SystemExit) as done:
+        infer_cli(["--prompt", "hi", "--quantize", "int8", "--scan-layers"])
+    assert done.value.code == 2 and "does not combine with --scan-layers" in capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_infer_quantize_int8_answers_the_bundled_example(capsys, cli_logging):
     from af2_jax.cli.infer import main as infer_cli
     from tests.helpers import REPO
@@ -81,9 +90,6 @@ def test_infer_quantize_int8_answers_the_bundled_example(capsys, cli_logging):
                       "--prompt", "How many beeps are there?", "--quantize", "int8", "--max-new-tokens", "8"]) == 0
     out, err = capsys.readouterr()
     assert out == "three\n" and "weights int8" in err
-    with pytest.raises(SystemExit) as done:
-        infer_cli(["--prompt", "hi", "--quantize", "int8", "--scan-layers"])
-    assert done.value.code == 2 and "does not combine with --scan-layers" in capsys.readouterr().err
 
 
 def test_quantize_needs_the_serving_layout():
