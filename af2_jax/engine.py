@@ -389,7 +389,6 @@ class EnginePrograms:
     def __init__(self, graphdef, config, *, mesh=None, capacity: int = 256, announce: Callable[[str], None] = None):
         self.graphdef, self.config, self.mesh, self.capacity = graphdef, config, mesh, capacity
         self.announce = announce or (lambda what: None)
-        self.compile_s = 0.0
         self.compile_s_by_kind: collections.Counter = collections.Counter()  # where compile time goes
         self._programs: collections.OrderedDict = collections.OrderedDict()
 
@@ -407,6 +406,11 @@ class EnginePrograms:
     def count(self) -> int:
         return len(self._programs)
 
+    @property
+    def compile_s(self) -> float:
+        """Seconds spent compiling, over the engine's life."""
+        return sum(self.compile_s_by_kind.values())
+
     def keys(self) -> list[tuple]:
         return list(self._programs)
 
@@ -423,7 +427,6 @@ class EnginePrograms:
         fn = functools.partial(globals()[self.FUNCTIONS[kind]], graphdef=self.graphdef, **statics)
         with activation_sharding(self.mesh, self.config):
             program = jax.jit(fn, donate_argnums=(1,) if kind in self.DONATES_GROUP else ()).lower(*args).compile()
-        self.compile_s += time.perf_counter() - start
         self.compile_s_by_kind[kind] += time.perf_counter() - start
         self._programs[key] = program
         if len(self._programs) > self.capacity:

@@ -20,7 +20,7 @@ from flax import nnx
 from af2_jax.config import resolve_model_config
 from af2_jax.engine import EnginePrograms, bucket_prompt, bucket_rows, bucket_windows
 from af2_jax.nn.af2 import AF2Model
-from af2_jax.nn.quant import quantize_int8
+from af2_jax.nn.quant import check_quantize, quantize_int8
 from af2_jax.sharding import (Placement, activation_sharding, batch_sharding, check_batch_splits, data_parallel_size,
                               format_mesh, make_mesh, parse_mesh_spec, variable_sharding)
 from af2_jax.training.config import OptimSection
@@ -76,9 +76,7 @@ def _shard_bytes(shape, dtype, sharding) -> int:
 def plan_serving(request: PlanRequest) -> dict:
     config, mesh, placement = _model_and_mesh(request)
     dtype = jnp.dtype(request.dtype)
-    if request.quantize not in (None, "int8") or request.quantize and request.scan_layers:
-        raise ValueError(f"quantize={request.quantize!r}: int8, with one buffer per layer (not --scan-layers), is "
-                         "the one supported")
+    check_quantize(request.quantize, request.scan_layers)
 
     def build():
         model = AF2Model(config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0), scan_layers=request.scan_layers)

@@ -47,14 +47,15 @@ from flax import nnx
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))  # for train_step.make_batch, the train benchmark's batch
 
 from af2_jax.config import AF2Config, preset  # noqa: E402
 from af2_jax.engine import Engine, Request, Sampling, bucket_windows  # noqa: E402
 from af2_jax.nn.af2 import AF2Model  # noqa: E402
 from af2_jax.planning import PlanRequest, plan_serving  # noqa: E402
 from af2_jax.training.config import OptimSection  # noqa: E402
-from af2_jax.training.labels import make_labels  # noqa: E402
 from af2_jax.training.step import TrainState, make_train_step, optimizer, split_model  # noqa: E402
+from train_step import make_batch  # noqa: E402
 
 PHASES = ("decode", "int8", "compile", "encode", "slots32", "train", "plan")
 
@@ -280,14 +281,8 @@ class Check:
         tx = optimizer(optim, 100)
         step = jax.jit(make_train_step(graphdef, tx, optim, remat=True), donate_argnums=(0,))
         state = TrainState(params, tx.init(params), jnp.int32(0))
-        rng = np.random.default_rng(0)
-        b, n, t = setup.train_batch, setup.train_tokens, config.tokens
-        ids = rng.integers(0, t.eos, (b, n)).astype(np.int32)
-        ids[:, 0], ids[:, n // 4], ids[:, -2:] = t.media, t.sep, [t.end_of_chunk, t.eos]
-        batch = {"audio_x": rng.uniform(-0.5, 0.5, (b, setup.train_windows, config.audio.window_samples)
-                                        ).astype(np.float32),
-                 "audio_x_mask": np.ones((b, setup.train_windows), np.float32), "input_ids": ids,
-                 "attention_mask": np.ones_like(ids), "labels": make_labels(ids, t).astype(np.int32)}
+        b, n = setup.train_batch, setup.train_tokens
+        batch = make_batch(config, b, setup.train_windows, n)
         start = time.perf_counter()
         state, metrics = step(state, frozen, batch)
         jax.block_until_ready(metrics)

@@ -19,7 +19,7 @@ from af2_jax.checkpoint.folder import AtomicFolder, check_tokenizer, read_config
 from af2_jax.checkpoint.orbax_tree import flatten, nest, restore_tree, save_tree, stored_shapes
 from af2_jax.nn.af2 import AF2Model
 from af2_jax.nn.layer_stack import slots
-from af2_jax.nn.quant import quantize_int8
+from af2_jax.nn.quant import check_quantize, quantize_int8
 from af2_jax.sharding import Placement, format_mesh, shard_model, variable_sharding
 
 log = logging.getLogger(__name__)
@@ -72,9 +72,6 @@ def _save_from_processes(model, dst: Path, tokenizer, dtype, overwrite: bool, me
     return dst
 
 
-QUANTIZE_MODES = ("int8",)
-
-
 def load(path, dtype="bfloat16", mesh=None, *, param_dtype=None, scan_layers: bool = True,
          quantize: str | None = None) -> AF2Model:
     """Loads a checkpoint written by `python -m af2_jax.convert` as an `AF2Model` whose weights and activations
@@ -85,11 +82,7 @@ def load(path, dtype="bfloat16", mesh=None, *, param_dtype=None, scan_layers: bo
     parameters are cut into the layers as they are restored. `quantize="int8"` (with `scan_layers=False`) then
     stores the language model's weights in int8 with a scale per output channel (`af2_jax.nn.quant`), placed by the
     same rules. Also turns on the compilation cache (`af2_jax.cache.use_compilation_cache`)."""
-    if quantize is not None and quantize not in QUANTIZE_MODES:
-        raise ValueError(f"quantize={quantize!r}: supported: {', '.join(QUANTIZE_MODES)} (or None)")
-    if quantize and scan_layers:
-        raise ValueError("quantize needs scan_layers=False: int8 weights are for serving, which keeps one buffer "
-                         "per layer")
+    check_quantize(quantize, scan_layers)
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such checkpoint folder; convert the release with "

@@ -21,7 +21,6 @@ the exit code is 1. Config errors (an unknown key or metric) stop the command at
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import time
 
@@ -145,8 +144,7 @@ def _run(args) -> int:
                                  quantize=args.quantize or config.quantize,
                                  max_windows=args.max_windows or config.max_windows)
     work = plan(config, data_root, args.limit)
-    with contextlib.ExitStack() as stack:
-        output = stack.enter_context(EvalOutput(args.output, config))
+    with EvalOutput(args.output, config) as output:
         pending = output.pending(work.items)
         log.info("%d prediction(s) planned, %d already in %s, %d to go", len(work.items),
                  len(work.items) - len(pending), args.output, len(pending))

@@ -71,6 +71,10 @@ class Benchmark:
     def template(self) -> str:
         return self.prompt if self.prompt is not None else "{prompt}"
 
+    def prediction_identity(self) -> tuple:
+        """What shapes this benchmark's predictions (reported and group_by only shape their scoring)."""
+        return self.manifest, self.metric, self.template, self.decoding
+
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:

@@ -85,10 +85,6 @@ def _prediction_record(line: bytes) -> dict | None:
     return None
 
 
-def _shapes_predictions(b) -> tuple:
-    return b.manifest, b.metric, b.template, b.decoding
-
-
 def _merged(old: EvalConfig, new: EvalConfig, folder: Path) -> EvalConfig:
     """`new` with the benchmarks an earlier run in `folder` made and this one does not name; refuses a `new` whose
     predictions would differ from the ones already there."""
@@ -99,7 +95,7 @@ def _merged(old: EvalConfig, new: EvalConfig, folder: Path) -> EvalConfig:
                               f"{shown.format(*new.run_identity())}; {fix}")
     earlier = {b.name: b for b in old.benchmarks}
     for b in new.benchmarks:
-        if b.name in earlier and _shapes_predictions(earlier[b.name]) != _shapes_predictions(b):
+        if b.name in earlier and earlier[b.name].prediction_identity() != b.prediction_identity():
             raise EvalConfigError(f"{folder} holds predictions of benchmark {b.name} made with another manifest, "
                                   f"metric, prompt or decoding ({folder / CONFIG}); {fix}")
     names = {b.name for b in new.benchmarks}
@@ -169,10 +165,7 @@ class EvalOutput:
 
     def earlier_facts(self) -> dict:
         """The wall time and items/s results.json recorded for the run that made the predictions, if any."""
-        try:
-            earlier = json.loads((self.folder / RESULTS).read_text())
-        except (OSError, ValueError):
-            return {}
+        earlier = recorded_results(self.folder)
         return {key: earlier.get(key) for key in ("wall_s", "items_per_s")}
 
     def write(self, item: EvalItem, **result) -> None:
@@ -292,10 +285,17 @@ def score_folder(folder, config_path=None) -> dict:
         config = load_eval_config(folder / CONFIG)
     else:
         raise ValueError(f"{folder} has no {CONFIG}; pass --config FILE naming the benchmarks of its predictions")
-    facts = {}
-    if (folder / RESULTS).is_file():
-        try:
-            facts = json.loads((folder / RESULTS).read_text())
-        except ValueError:
-            log.warning("%s is not valid JSON; it is rewritten", folder / RESULTS)
-    return write_results(folder, config, read_predictions(folder / PREDICTIONS), facts)
+    return write_results(folder, config, read_predictions(folder / PREDICTIONS), recorded_results(folder))
+
+
+def recorded_results(folder: Path) -> dict:
+    """The results.json an earlier run or scoring wrote in `folder` ({} when there is none; one that is not valid
+    JSON is named, and rewritten by the caller)."""
+    path = folder / RESULTS
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        log.warning("%s is not valid JSON; it is rewritten", path)
+        return {}

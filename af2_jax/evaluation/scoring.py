@@ -99,7 +99,6 @@ def _references(record: dict, metric: Metric, benchmark: str) -> object:
     return reference
 
 
-
 def _choices(record: dict) -> list[str]:
     return list(record.get("choices") or choices_from_prompt(record.get("prompt") or ""))
 

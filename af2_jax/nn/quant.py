@@ -21,6 +21,7 @@ from flax import nnx
 
 from af2_jax.nn.layer_stack import LayerList
 
+QUANTIZE_MODES = ("int8",)
 INT8_MAX = 127
 # The linear layers of one FlamingoLayer that int8 replaces, by the submodule holding them.
 QUANTIZED = {
@@ -28,6 +29,16 @@ QUANTIZED = {
     "decoder.self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
     "decoder.mlp": ("gate_proj", "up_proj", "down_proj"),
 }
+
+
+def check_quantize(quantize: str | None, scan_layers: bool) -> None:
+    """Refuses a quantize mode there is no rule for, and quantizing the stacked layers (int8 is for serving, which
+    keeps one buffer per layer)."""
+    if quantize is not None and quantize not in QUANTIZE_MODES:
+        raise ValueError(f"quantize={quantize!r}: supported: {', '.join(QUANTIZE_MODES)} (or None)")
+    if quantize and scan_layers:
+        raise ValueError("quantize needs scan_layers=False: int8 weights are for serving, which keeps one buffer "
+                         "per layer")
 
 
 @jax.jit
