@@ -95,9 +95,9 @@ def benchmark_items(benchmark, data_root, *, captions: bool, limit: int | None =
                                          "\"total_num - 1\"")
             try:
                 item = _item(benchmark, key, contents["data"][key], data_root, split_path)
-            except (TypeError, KeyError, IndexError, AttributeError, ValueError) as err:
-                if isinstance(err, BenchmarkDataError):
-                    raise
+            except BenchmarkDataError:
+                raise
+            except (TypeError, KeyError, IndexError, AttributeError, ValueError) as err:  # a malformed field
                 raise BenchmarkDataError(f"item {key} cannot be used ({type(err).__name__}: {err})") from None
             same = (item.audio, item.start, item.prompt)
             if captions and same in merged:
