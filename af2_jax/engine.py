@@ -41,6 +41,8 @@ from flax import nnx
 
 from af2_jax.audio.io import load_windows, waveform_windows
 from af2_jax.config import MAX_WINDOWS_LIMIT, check_max_windows
+from af2_jax.nn.af2 import abstract_relayout, relayout
+from af2_jax.nn.layer_stack import stacked_to_list
 from af2_jax.sharding import activation_sharding, check_batch_splits, data_parallel_size
 
 log = logging.getLogger(__name__)
@@ -391,6 +393,7 @@ class EnginePrograms:
         self.announce = announce or (lambda what: None)
         self.compile_s_by_kind: collections.Counter = collections.Counter()  # where compile time goes
         self._programs: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()  # the cache, which a background compilation fills too
 
     @staticmethod
     def bound(windows: int, prompts: int, rows: int = 1) -> int:
@@ -412,40 +415,54 @@ class EnginePrograms:
         return sum(self.compile_s_by_kind.values())
 
     def keys(self) -> list[tuple]:
-        return list(self._programs)
+        with self._lock:
+            return list(self._programs)
 
     def compiled(self, kind: str, args, **statics):
         leaves, tree = jax.tree.flatten(args)
+        # Without a mesh everything is on the default device, so placements say nothing, and a program compiled
+        # from abstract arguments (no placement) serves the arrays it was compiled for.
+        placed = lambda leaf: getattr(leaf, "sharding", None) if self.mesh is not None else None  # noqa: E731
         key = (kind, tuple(sorted(statics.items())), tree,
-               tuple((leaf.shape, leaf.dtype, getattr(leaf, "sharding", None)) for leaf in leaves))
-        program = self._programs.get(key)
-        if program is not None:
-            self._programs.move_to_end(key)
-            return program
+               tuple((leaf.shape, leaf.dtype, placed(leaf)) for leaf in leaves))
+        with self._lock:
+            program = self._programs.get(key)
+            if program is not None:
+                self._programs.move_to_end(key)
+                return program
         self.announce(kind)
         start = time.perf_counter()
         fn = functools.partial(globals()[self.FUNCTIONS[kind]], graphdef=self.graphdef, **statics)
         with activation_sharding(self.mesh, self.config):
             program = jax.jit(fn, donate_argnums=(1,) if kind in self.DONATES_GROUP else ()).lower(*args).compile()
         self.compile_s_by_kind[kind] += time.perf_counter() - start
-        self._programs[key] = program
-        if len(self._programs) > self.capacity:
-            self._programs.popitem(last=False)
+        with self._lock:
+            self._programs[key] = program
+            if len(self._programs) > self.capacity:
+                self._programs.popitem(last=False)
         return program
 
     def run(self, kind: str, args, **statics):
         return self.compiled(kind, args, **statics)(*args)
 
-    def for_shapes(self, state, *, dtype, slots: int, windows: int, prompt: int, max_len: int, steps: int) -> dict:
-        """Kind -> the compiled program serving requests of `windows` windows (a window group) and prompt bucket
-        `prompt` on `slots` slots of `max_len` positions for a model computing in `dtype`, from abstract arguments
-        (`state` may hold `jax.ShapeDtypeStruct`s): what `plan` measures."""
+    def for_shapes(self, state, *, dtype, slots: int, windows: int, prompt: int, max_len: int, steps: int,
+                   audio: bool = True) -> dict:
+        """Kind -> the compiled program serving requests of `windows` windows (a window bucket; `audio=False`: a
+        question without audio, padded to that bucket) and prompt bucket `prompt` on `slots` slots of `max_len`
+        positions for a model computing in `dtype`, from abstract arguments (`state` may hold
+        `jax.ShapeDtypeStruct`s): what `plan` measures, and what a background compilation prepares."""
         config = self.config
         spec = jax.ShapeDtypeStruct
         one = lambda shape, dtype: spec(shape, dtype)  # noqa: E731
-        encode_args = (state, one((1, windows, config.audio.window_samples), jnp.float32),
-                       one((1, windows), jnp.float32))
-        media_kv, media_mask = jax.eval_shape(functools.partial(_encode, graphdef=self.graphdef), *encode_args)
+        if audio:
+            media_kind, media_args, media_statics = "encode", (
+                state, one((1, windows, config.audio.window_samples), jnp.float32), one((1, windows), jnp.float32)), {}
+        else:
+            media_kind, media_args, media_statics = "blank", (state,), dict(
+                windows=windows, tokens_per_window=config.htsat.tokens_per_window,
+                media_dim=config.audio_transformer.d_model, dtype=dtype)
+        media_kv, media_mask = jax.eval_shape(functools.partial(globals()[self.FUNCTIONS[media_kind]],
+                                                                graphdef=self.graphdef, **media_statics), *media_args)
         keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), 1))
         sampling = (one((1,), jnp.float32), one((1,), jnp.int32), one((1,), jnp.float32), keys,
                     one((1,), jnp.int32), one((1, 1 + MAX_STOP_IDS), jnp.int32))
@@ -455,7 +472,7 @@ class EnginePrograms:
                              media_dim=config.audio_transformer.d_model, dtype=dtype)
         group = jax.eval_shape(functools.partial(_empty_group, graphdef=self.graphdef, **group_statics), state)
         row = jax.eval_shape(functools.partial(_prefill, graphdef=self.graphdef, max_len=max_len), *prefill_args)
-        return {"encode": self.compiled("encode", encode_args),
+        return {media_kind: self.compiled(media_kind, media_args, **media_statics),
                 "group": self.compiled("group", (state,), **group_statics),
                 "prefill": self.compiled("prefill", prefill_args, max_len=max_len),
                 "insert": self.compiled("insert", (state, group, row, one((), jnp.int32))),
@@ -488,9 +505,10 @@ class Engine:
     (`slots` must split over its data x fsdp axes); `steps_per_call`: decoding steps per compiled call;
     `elastic_rows`: whether the group's rows follow the requests in flight (`row_buckets`; default: on the CPU only).
 
-    Nothing runs in the background: `Handle.result()` and `run` drive the engine from the calling thread (one thread
-    at a time; the others wait for their results), so a process that submits the same requests in the same order
-    makes the same decisions, which is what a mesh spanning processes needs."""
+    Nothing runs in the background but what `compile_serving_form` starts: `Handle.result()` and `run` drive the
+    engine from the calling thread (one thread at a time; the others wait for their results), so a process that
+    submits the same requests in the same order makes the same decisions, which is what a mesh spanning processes
+    needs."""
 
     def __init__(self, model, tokenizer=None, *, slots: int = 8, max_len: int = 768, max_pending: int = 64,
                  mesh=None, steps_per_call: int = 8, max_windows: int | None = None,
@@ -518,6 +536,9 @@ class Engine:
         self._announced, self._admitted, self._shapes = False, 0, (0, 0, 0)  # for the compile line of a step
         self._lock = threading.Lock()  # the queue and the handles' flags
         self._driving = threading.Lock()  # one thread steps the engine at a time
+        self._serving_form: EnginePrograms | None = None  # compiled in the background, not switched to yet
+        self._compile_s_before_switch = 0.0
+        self.switched = threading.Event()  # set once the engine serves from the programs compiled in the background
 
     # --- the public side ----------------------------------------------------------------------------------------
     def submit(self, request: Request, on_token: Callable[[list[int]], None] | None = None,
@@ -586,6 +607,31 @@ class Engine:
             self._drive(None)
         return self.submit(request, on_token, on_done)
 
+    def compile_serving_form(self, shapes: Sequence[tuple[int, int, int]]) -> threading.Thread:
+        """Serves from the stacked form while the serving (list) form compiles: the first answers wait for the
+        stacked form's programs, which compile several times faster (one layer's code instead of every layer's),
+        instead of the list form's, which decode faster. Compiles, on a thread of its own, the list form's programs
+        for `shapes`, `(windows, prompt bucket, rows)` each (0 windows: a question without audio); at its next step
+        after that the engine moves its model's layers (in place) and the caches of the requests in flight to the
+        list form and serves on from those programs (`switched` is set then). Shapes not listed compile on first
+        use, as always. Needs a model in the stacked form on one device, in one process: the processes of a mesh
+        must switch at the same step, which a background thread cannot promise. Returns the thread."""
+        if not self.model.scan_layers:
+            raise ValueError("the model's layers are in the list form (the serving form) already")
+        if self.mesh is not None or jax.process_count() > 1:
+            raise ValueError("compiling the serving form in the background needs one device in one process (the "
+                             "processes of a mesh must switch at the same step); load the model with "
+                             "scan_layers=False instead")
+        thread = threading.Thread(target=self._compile_serving_form, args=(list(shapes),), name="af2-compile",
+                                  daemon=True)
+        thread.start()
+        return thread
+
+    @property
+    def switch_pending(self) -> bool:
+        """Whether the serving form's programs are compiled and the engine's next step switches to them."""
+        return self._serving_form is not None
+
     @property
     def idle(self) -> bool:
         return not self._pending and self._active == 0
@@ -617,7 +663,11 @@ class Engine:
 
     def step(self) -> bool:
         """Ends cancelled requests, admits waiting ones into free slots (encode, prefill, insert), then runs one
-        decoding call for every group with running rows. Returns whether there was anything to do."""
+        decoding call for every group with running rows. Returns whether there was anything to do (switching to
+        the serving form's programs, when they are ready, comes first and counts)."""
+        switching = self._serving_form is not None
+        if switching:
+            self._switch()
         group = self._group
         for row, handle in enumerate(group.rows if group is not None else []):
             if handle is not None and handle.cancelled:
@@ -638,8 +688,40 @@ class Engine:
         decoded = self._group is not None
         if decoded:
             self._decode()
-        self.timings["compile_s"] = self.programs.compile_s
-        return bool(admitted) or decoded
+        self.timings["compile_s"] = self._compile_s_before_switch + self.programs.compile_s
+        return switching or bool(admitted) or decoded
+
+    def _compile_serving_form(self, shapes: list[tuple[int, int, int]]) -> None:
+        start = time.perf_counter()
+        try:
+            graphdef, state = nnx.split(abstract_relayout(self.model, scan_layers=False))
+            programs = EnginePrograms(graphdef, self.config, capacity=self.programs.capacity)
+            for windows, prompt, rows in shapes:
+                programs.for_shapes(state, dtype=self.model.dtype, slots=rows, windows=bucket_windows(windows),
+                                    prompt=prompt, max_len=self.max_len, steps=self.steps_per_call,
+                                    audio=windows > 0)
+        except Exception:  # noqa: BLE001  (serving goes on from the stacked form, which works)
+            log.exception("compiling the serving form in the background failed; serving goes on from the stacked "
+                          "form")
+            return
+        log.info("serving form compiled in the background: %d programs in %.1f s; switching at the next step",
+                 programs.count, time.perf_counter() - start)
+        self._serving_form = programs
+
+    def _switch(self) -> None:
+        """The model's layers, and the caches of the requests in flight, moved to the list form; the programs
+        compiled for it in the background serve from now on."""
+        programs, self._serving_form = self._serving_form, None
+        group = self._group
+        if group is not None:
+            group.state = group.state._replace(cache=stacked_to_list(group.state.cache),
+                                               media_kv=stacked_to_list(group.state.media_kv))
+        relayout(self.model, scan_layers=False)
+        self.graphdef, self.state = nnx.split(self.model)
+        self._compile_s_before_switch += self.programs.compile_s
+        self.programs, programs.announce = programs, self._announce
+        self.switched.set()
+        log.info("serving from the serving form's programs now")
 
     def _start(self, handle: Handle) -> None:
         sampling = handle.request.sampling

@@ -13,7 +13,8 @@ Phases, in order of value:
 2. `int8`: phase 1 with int8 weights (`af2_jax.nn.quant`, the same random weights quantized), its speed-up over
    bfloat16 at each slot count, and how many greedy tokens equal bfloat16's.
 3. `compile`: the serving programs' compile seconds, cold (an empty persistent cache, phase 1's first run) and warm
-   (in-memory caches cleared, programs read back from the persistent cache), per program kind.
+   (in-memory caches cleared, programs read back from the persistent cache), per program kind; and the stacked
+   layers' programs for the same shapes, cold: what `serve --background-compile` waits for before its first answer.
 4. `encode`: the audio path (HTSAT, audio transformer, every layer's cross-attention K/V) in windows/s.
 5. `slots32`: decode as phase 1 at 32 slots.
 6. `train`: one `sft` train step (trainable: audio encoder, audio transformer, cross-attention, embedding) at a fixed
@@ -50,7 +51,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))  # for train_step.make_batch, the train benchmark's batch
 
 from af2_jax.config import AF2Config, preset  # noqa: E402
-from af2_jax.engine import Engine, Request, Sampling, bucket_windows  # noqa: E402
+from af2_jax.engine import Engine, EnginePrograms, Request, Sampling, bucket_prompt, bucket_windows  # noqa: E402
 from af2_jax.nn.af2 import AF2Model  # noqa: E402
 from af2_jax.planning import PlanRequest, plan_serving  # noqa: E402
 from af2_jax.training.config import OptimSection  # noqa: E402
@@ -255,7 +256,16 @@ class Check:
             runs, _ = timed_runs(engine, requests(self.config, slots, self.setup, self.setup.new), 0)
             warm[f"slots{slots}"] = {"total": runs[0]["compile_s"],
                                      "by_kind": dict(engine.programs.compile_s_by_kind)}
-        return {"cold_compile_s": cold or None, "warm_compile_s": warm,
+        stacked = {}
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: AF2Model(self.config, dtype=self.dtype,
+                                                                    param_dtype=self.dtype, rngs=nnx.Rngs(0))))
+        max_len = self.setup.prompt + self.setup.new  # as `_engine`'s, whose prompt buckets stop there
+        for slots in self.setup.slots:
+            programs = EnginePrograms(graphdef, self.config)
+            programs.for_shapes(state, dtype=self.dtype, slots=slots, windows=bucket_windows(self.setup.windows),
+                                prompt=min(bucket_prompt(self.setup.prompt), max_len), max_len=max_len, steps=8)
+            stacked[f"slots{slots}"] = {"total": programs.compile_s, "by_kind": dict(programs.compile_s_by_kind)}
+        return {"cold_compile_s": cold or None, "warm_compile_s": warm, "stacked_cold_compile_s": stacked,
                 "cache_dir": jax.config.jax_compilation_cache_dir}
 
     def encode(self) -> dict:

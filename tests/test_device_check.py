@@ -46,6 +46,7 @@ def test_dry_run_of_the_serving_phases_without_audio_or_data_packages(tmp_path):
     int8, = results["int8"]["runs"]
     assert int8["step_bytes"] < decode["step_bytes"] and 0 <= int8["greedy_tokens_equal_to_bfloat16"] <= 1
     assert set(results["compile"]["warm_compile_s"]["slots2"]["by_kind"]) >= {"encode", "prefill", "decode"}
+    assert results["compile"]["stacked_cold_compile_s"]["slots2"]["total"] > 0
     assert results["encode"]["windows_per_s"] > 0 and results["slots32"]["slots"] == 2
     assert results["plan"]["predicted"]["weights"] > 0
     assert all(r["dry_run"] and r["device"]["platform"] == "cpu" for r in results.values())

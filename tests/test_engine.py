@@ -198,3 +198,28 @@ def test_a_manifest_compiles_at_most_the_stated_bound(small_checkpoint, tokenize
     prompts = {bucket_prompt(n) for n in range(1, 65)}
     assert engine.programs.count - before <= EnginePrograms.bound(len(windows), len(prompts),
                                                                   len(engine.row_buckets))
+
+
+def test_a_stacked_model_serves_while_the_serving_form_compiles(golden, engine):
+    """`compile_serving_form`: the stacked form answers at once, the list form's programs compile on another thread,
+    and the engine switches between two decoding calls with requests in flight, each getting the tokens it gets
+    alone on the list form; a listed shape then compiles nothing more."""
+    from af2_jax.checkpoint import load_original
+
+    # Questions without audio: no audio encoder to compile, twice
+    requests = [Request(r.prompt[1:], None, r.sampling) for r in _requests(golden, 3)]
+    solo = [engine.run([r])[0].tokens for r in requests]
+    with pytest.raises(ValueError, match="list form"):
+        engine.compile_serving_form([(0, 16, 1)])
+    model = load_original(golden.weights, golden.config)  # stacked, and this test's own: the switch moves its layers
+    switching = Engine(model, slots=1)
+    assert switching.run([requests[0]])[0].tokens == solo[0]
+    handles = [switching.submit(r) for r in requests[1:]]
+    switching.step()  # one admitted and decoding on the stacked form, one waiting
+    switching.compile_serving_form([(0, 16, 1)]).join()
+    assert switching.switch_pending and switching.busy == 1 and switching.waiting == 1 and model.scan_layers
+    assert [h.result().tokens for h in handles] == solo[1:]
+    assert switching.switched.is_set() and not model.scan_layers
+    compiled = switching.programs.count
+    assert switching.run([requests[0]])[0].tokens == solo[0]
+    assert switching.programs.count == compiled

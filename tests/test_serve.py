@@ -212,9 +212,18 @@ def test_the_demo_server_is_healthy_within_60_s_with_a_cold_compile_cache(tmp_pa
     cold = ServerProcess(env={**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla")})
     try:
         cold.wait_healthy(60)
-        assert "warm-up (min) done" in cold.output()
+        assert "warm-up (min): first answer in" in cold.output()
     finally:
         cold.stop()
+
+
+def test_background_compile_refuses_what_keeps_the_serving_layout(capsys):
+    from af2_jax.cli.serve import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--background-compile", "--quantize", "int8", "--warmup", "none"])
+    assert exit_.value.code == 2
+    assert "--background-compile does not combine with --quantize, --warmup none" in capsys.readouterr().err
 
 
 def test_sixteen_concurrent_clients_get_their_solo_answers(server):
@@ -411,6 +420,17 @@ def test_a_request_past_the_timeout_is_504_and_frees_its_slot(limited):
     stalled.close()
     assert limited.metric('af2_requests_total{outcome="cancelled"}') == cancelled + 1
     assert "Traceback" not in limited.output()
+
+
+def test_the_server_answers_from_the_stacked_layers_then_switches(server):
+    """Serving starts on the stacked layers (quick to compile) and moves to the serving layout once that is compiled
+    in the background; every test here gets the same answers whichever it hit (the float32 demo model)."""
+    deadline = time.monotonic() + 180
+    while "serving from the serving form's programs now" not in server.output():
+        assert time.monotonic() < deadline, server.output()
+        time.sleep(0.5)
+    log = server.output()
+    assert log.index("first answer in") < log.index("serving form compiled in the background")
 
 
 def test_sigterm_finishes_the_request_in_flight_refuses_new_ones_and_exits_0(server):

@@ -57,6 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     engine.add_argument("--warmup", choices=["none", "min", "all"], default="min",
                         help="compile before serving: min (default) one window and prompts up to 64 tokens; all "
                              "every window and prompt bucket; none (first requests compile)")
+    engine.add_argument("--background-compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="answer from the stacked layers (a few times quicker to compile) while the serving "
+                             "layout (one buffer per layer, faster decoding) compiles in the background, then "
+                             "switch to it (default: on, except with --quantize, --mesh or --warmup none, which "
+                             "compile the serving layout before the first answer)")
     http = p.add_argument_group("HTTP")
     http.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     http.add_argument("--port", type=int, default=8000)
@@ -95,6 +100,12 @@ def _check_args(p: argparse.ArgumentParser, args) -> None:
     if args.allowed_local_dir is not None and not os.path.isdir(args.allowed_local_dir):
         p.error(f"--allowed-local-dir {args.allowed_local_dir} is not a folder")
     args.api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    blockers = [flag for flag, on in (("--quantize", args.quantize), ("--mesh", args.mesh),
+                                      ("--warmup none", args.warmup == "none")) if on]
+    if args.background_compile and blockers:
+        p.error(f"--background-compile does not combine with {', '.join(blockers)} (int8 weights and meshes keep "
+                "the serving layout from the start; --warmup none compiles nothing in advance)")
+    args.background_compile = args.background_compile is not False and not blockers
 
 
 def main(argv=None) -> int:
@@ -150,7 +161,8 @@ def _serve(args) -> int:
                          f"(lm.max_position_embeddings in {path / 'config.json'}); pass --max-len {positions} or less")
     tokenizer = load_tokenizer(path, config.tokens)
     sock = _listen(args.host, args.port)  # before the model loads, so a taken port fails at once
-    model = load_model(path, why, dtype=args.dtype, mesh=mesh, quantize=args.quantize)
+    model = load_model(path, why, dtype=args.dtype, mesh=mesh, quantize=args.quantize,
+                       scan_layers=args.background_compile)
 
     def make_engine() -> Engine:
         return Engine(model, tokenizer, slots=args.slots, max_len=args.max_len, max_pending=args.max_queue,

@@ -187,15 +187,33 @@ class AF2Model(nnx.Module):
 
 
 def relayout(model: AF2Model, scan_layers: bool) -> AF2Model:
-    """The same model with its layers stacked (`scan_layers=True`) or as a list (False). Parameters move one at a
-    time, each source buffer freed once moved, so memory peaks at the model plus one stacked parameter; `model`'s
-    layer arrays are gone afterwards. Shardings follow: the stacked `layers` axis is never sharded, so each layer
-    keeps the placement of the other axes."""
+    """`model` with its layers moved, in place, into the stacked form (`scan_layers=True`) or a list (False); returns
+    it. Parameters move one at a time, each source buffer freed once moved, so memory peaks at the model plus one
+    stacked parameter; a graphdef or state split from the model before is stale afterwards. Shardings follow: the
+    stacked `layers` axis is never sharded, so each layer keeps the placement of the other axes."""
     if model.scan_layers == scan_layers:
         return model
-    target = nnx.eval_shape(lambda: AF2Model(model.config, dtype=model.dtype, param_dtype=model.dtype,
-                                             rngs=nnx.Rngs(0), scan_layers=scan_layers))
+    target = _abstract_form(model, scan_layers)
+    sources = {slot.path: slot for slot in slots(model.layers, "layers.")}
+    for slot in slots(target.layers, "layers."):
+        slot.assign(sources[slot.path].take())
+    model.layers = target.layers
+    return model
+
+
+def abstract_relayout(model: AF2Model, scan_layers: bool) -> AF2Model:
+    """What `relayout(model, scan_layers)` will make, as an abstract model (`jax.ShapeDtypeStruct` values placed as
+    the moved arrays will be), moving nothing: programs for the other form compile against it while `model` serves."""
+    target = _abstract_form(model, scan_layers)
     sources = {slot.path: slot for slot in slots(model)}
     for slot in slots(target):
-        slot.assign(sources[slot.path].take())
+        source = sources[slot.path]
+        stored = source.sharding(source.variable[...].sharding)
+        for var in slot.variables:
+            var.set_value(jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=slot.held_sharding(stored)))
     return target
+
+
+def _abstract_form(model: AF2Model, scan_layers: bool) -> AF2Model:
+    return nnx.eval_shape(lambda: AF2Model(model.config, dtype=model.dtype, param_dtype=model.dtype,
+                                           rngs=nnx.Rngs(0), scan_layers=scan_layers))

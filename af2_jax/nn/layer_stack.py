@@ -168,6 +168,11 @@ class Slot:
         stored form gains an unsharded leading `layers` axis."""
         return with_layers_axis(held) if self._cut else held
 
+    def held_sharding(self, stored):
+        """The sharding of the variable(s) holding the slot, given `stored`, the stored tensor's (`sharding`'s
+        inverse)."""
+        return _without_layers_axis(stored) if self._cut else stored
+
     def value(self):
         """The stored value: the variable's own array, or a new array stacked from the layers."""
         if self._cut:
@@ -228,6 +233,18 @@ def _without_layers_axis(sharding):
     if not isinstance(sharding, jax.sharding.NamedSharding):
         return sharding
     return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*tuple(sharding.spec)[1:]))
+
+
+def stacked_to_list(per_layer) -> tuple:
+    """Per-layer values of the stacked form (leaves with a leading layers axis, e.g. a serving group's caches) in the
+    list form's layout, one pytree per layer, each piece keeping the placement of the other axes; the stacked arrays
+    are freed."""
+    leaves, tree = jax.tree.flatten(per_layer)
+    pieces = []
+    for leaf in leaves:
+        pieces.append(_layer_pieces(leaf))
+        leaf.delete()
+    return tuple(jax.tree.unflatten(tree, [leaf_pieces[i] for leaf_pieces in pieces]) for i in range(len(pieces[0])))
 
 
 def _layer_pieces(stacked) -> list:

@@ -116,7 +116,7 @@ class EngineRunner:
         self.ready.set()
         while not self._stopping.is_set():
             self._wake.clear()
-            if self.engine.idle:
+            if self.engine.idle and not self.engine.switch_pending:  # an idle engine still switches forms
                 self._wake.wait(0.5)
                 continue
             try:
@@ -129,29 +129,45 @@ class EngineRunner:
         with self._swap:
             failed, self._open = self._open, set()
             self.engine = self.make_engine()
+        if self.engine.model.scan_layers:  # it failed before switching to the serving form
+            self.engine.compile_serving_form(warmup_programs(self.warmup, self.engine))
         for stream in failed:
             stream._put(EngineFailed("the engine failed while serving this request; see the server log"))
 
     def _warm_up(self) -> None:
-        """Compiles what the first requests need, by serving one request per shape (`warmup_shapes`), each
-        listed with its time."""
+        """Compiles what the first requests need by serving one request per shape (`warmup_programs`), each listed
+        with its time. A model in the stacked form serves the first shape only, then compiles the rest for the
+        serving form in the background (`Engine.compile_serving_form`): its first answer comes after the stacked
+        form's short compilation, and the engine switches to the serving form once that is compiled."""
         engine = self.engine
-        shapes = warmup_shapes(self.warmup, engine.max_len)
-        if not shapes:
+        programs = warmup_programs(self.warmup, engine)
+        if not programs:
             return
         start = time.perf_counter()
-        for windows, prompt in shapes:
+        for windows, prompt, rows in programs[:1] if engine.model.scan_layers else programs:
             begun = time.perf_counter()
-            engine.run([warmup_request(engine, windows, prompt)])
+            engine.run([warmup_request(engine, windows, prompt) for _ in range(rows)])
             what = f"{windows} window(s)" if windows else "no audio"
-            log.info("warm-up: %s, prompt bucket %d: %.1f s", what, prompt, time.perf_counter() - begun)
-        for windows in sorted({w for w, _ in shapes if w}):
-            for rows in engine.row_buckets[1:]:  # a group of `rows` requests at once: its set-up, insert and decode
-                begun = time.perf_counter()
-                engine.run([warmup_request(engine, windows, shapes[0][1]) for _ in range(rows)])
-                log.info("warm-up: %d window(s), %d rows: %.1f s", windows, rows, time.perf_counter() - begun)
+            log.info("warm-up: %s, prompt bucket %d, %d row(s): %.1f s", what, prompt, rows,
+                     time.perf_counter() - begun)
+        if engine.model.scan_layers:
+            log.info("warm-up (%s): first answer in %.1f s from the stacked layers; the serving form's %d shapes "
+                     "compile in the background", self.warmup, time.perf_counter() - start, len(programs))
+            engine.compile_serving_form(programs)
+            return
         log.info("warm-up (%s) done in %.1f s, %d compiled programs (regrouping rows compiles on first use)",
                  self.warmup, time.perf_counter() - start, engine.programs.count)
+
+
+def warmup_programs(level: str, engine: Engine) -> list[tuple[int, int, int]]:
+    """`(windows, prompt bucket, rows)` to compile at start-up: every `warmup_shapes` pair with one row, then every
+    larger row bucket of the engine at the first pair's prompt, for each window bucket warmed."""
+    shapes = warmup_shapes(level, engine.max_len)
+    if not shapes:
+        return []
+    rows = [(windows, shapes[0][1], count) for windows in sorted({w for w, _ in shapes if w})
+            for count in engine.row_buckets[1:]]
+    return [(windows, prompt, 1) for windows, prompt in shapes] + rows
 
 
 def warmup_shapes(level: str, max_len: int) -> list[tuple[int, int]]:
