@@ -768,7 +768,7 @@ class Engine:
         """The group, made (or widened to) at least `windows` windows wide."""
         group = self._group
         if group is None:
-            statics = dict(slots=self._rows_for(self._active), windows=windows, max_len=self.max_len,
+            statics = dict(slots=self.rows_for(self._active), windows=windows, max_len=self.max_len,
                            tokens_per_window=self.config.htsat.tokens_per_window,
                            media_dim=self.config.audio_transformer.d_model, dtype=self.model.dtype)
             group = self._group = _Slots(windows, self.programs.run("group", (self.state,), **statics))
@@ -812,7 +812,7 @@ class Engine:
             self._group = None
             return
         widest = max((bucket_windows(group.rows[row].windows.shape[0]) for row in held), default=0)
-        rows = self._rows_for(len(held) + incoming)
+        rows = self.rows_for(len(held) + incoming)
         if rows != len(group.rows):
             take = np.asarray(held + [-1] * (rows - len(held)), np.int32)
             group.state = self.programs.run("regroup", (self.state, group.state, take))
@@ -820,7 +820,8 @@ class Engine:
         if 0 < widest < group.windows:
             self._resize(widest)
 
-    def _rows_for(self, count: int) -> int:
+    def rows_for(self, count: int) -> int:
+        """The rows of a group holding `count` requests: the smallest row bucket that holds them."""
         return next(rows for rows in self.row_buckets if rows >= count)
 
     def _emit(self, handle: Handle, tokens: list[int]) -> None:

@@ -212,12 +212,12 @@ def test_a_stacked_model_serves_while_the_serving_form_compiles(golden, engine):
     with pytest.raises(ValueError, match="list form"):
         engine.compile_serving_form([(0, 16, 1)])
     model = load_original(golden.weights, golden.config)  # stacked, and this test's own: the switch moves its layers
-    switching = Engine(model, slots=1)
+    switching = Engine(model, slots=2, elastic_rows=False)  # as on an accelerator: a group always has 2 rows
     assert switching.run([requests[0]])[0].tokens == solo[0]
     handles = [switching.submit(r) for r in requests[1:]]
-    switching.step()  # one admitted and decoding on the stacked form, one waiting
-    switching.compile_serving_form([(0, 16, 1)]).join()
-    assert switching.switch_pending and switching.busy == 1 and switching.waiting == 1 and model.scan_layers
+    switching.step()  # admitted, and decoding on the stacked form
+    switching.compile_serving_form([(0, 16, switching.rows_for(1))]).join()
+    assert switching.switch_pending and switching.busy == 2 and model.scan_layers
     assert [h.result().tokens for h in handles] == solo[1:]
     assert switching.switched.is_set() and not model.scan_layers
     compiled = switching.programs.count

@@ -8,7 +8,7 @@ import base64
 import pytest
 
 from af2_jax.server.protocol import APIError, AnswerText, AudioSource, Turn, parse_chat
-from af2_jax.server.runner import warmup_shapes
+from af2_jax.server.runner import warmup_programs, warmup_shapes
 
 WAV_B64 = base64.b64encode(b"RIFF....WAVE").decode()
 
@@ -124,3 +124,10 @@ def test_warmup_shapes():
     assert warmup_shapes("min", 40) == [(1, 16), (1, 32), (0, 16)]
     every = warmup_shapes("all", 768)
     assert (30, 768) in every and (30, 512) in every and (0, 16) in every and len(every) == 11 * 7 + 1
+
+
+def test_warmup_programs():
+    assert warmup_programs("none", 768, (1, 2)) == []
+    assert warmup_programs("min", 768, (1, 2, 4)) == [(1, 16, 1), (1, 32, 1), (1, 64, 1), (0, 16, 1), (1, 16, 2),
+                                                       (1, 16, 4)]
+    assert warmup_programs("min", 768, (8,)) == [(1, 16, 1), (1, 32, 1), (1, 64, 1), (0, 16, 1)]  # rows fixed

@@ -130,7 +130,7 @@ class EngineRunner:
             failed, self._open = self._open, set()
             self.engine = self.make_engine()
         if self.engine.model.scan_layers:  # it failed before switching to the serving form
-            self.engine.compile_serving_form(warmup_programs(self.warmup, self.engine))
+            self._compile_serving_form()
         for stream in failed:
             stream._put(EngineFailed("the engine failed while serving this request; see the server log"))
 
@@ -140,34 +140,40 @@ class EngineRunner:
         serving form in the background (`Engine.compile_serving_form`): its first answer comes after the stacked
         form's short compilation, and the engine switches to the serving form once that is compiled."""
         engine = self.engine
-        programs = warmup_programs(self.warmup, engine)
+        programs = warmup_programs(self.warmup, engine.max_len, engine.row_buckets)
         if not programs:
             return
         start = time.perf_counter()
-        for windows, prompt, rows in programs[:1] if engine.model.scan_layers else programs:
+        for windows, prompt, requests in programs[:1] if engine.model.scan_layers else programs:
             begun = time.perf_counter()
-            engine.run([warmup_request(engine, windows, prompt) for _ in range(rows)])
+            engine.run([warmup_request(engine, windows, prompt) for _ in range(requests)])
             what = f"{windows} window(s)" if windows else "no audio"
-            log.info("warm-up: %s, prompt bucket %d, %d row(s): %.1f s", what, prompt, rows,
+            log.info("warm-up: %s, prompt bucket %d, %d request(s): %.1f s", what, prompt, requests,
                      time.perf_counter() - begun)
         if engine.model.scan_layers:
             log.info("warm-up (%s): first answer in %.1f s from the stacked layers; the serving form's %d shapes "
                      "compile in the background", self.warmup, time.perf_counter() - start, len(programs))
-            engine.compile_serving_form(programs)
+            self._compile_serving_form()
             return
         log.info("warm-up (%s) done in %.1f s, %d compiled programs (regrouping rows compiles on first use)",
                  self.warmup, time.perf_counter() - start, engine.programs.count)
 
 
-def warmup_programs(level: str, engine: Engine) -> list[tuple[int, int, int]]:
-    """`(windows, prompt bucket, rows)` to compile at start-up: every `warmup_shapes` pair with one row, then every
-    larger row bucket of the engine at the first pair's prompt, for each window bucket warmed."""
-    shapes = warmup_shapes(level, engine.max_len)
+    def _compile_serving_form(self) -> None:
+        engine = self.engine
+        engine.compile_serving_form([(windows, prompt, engine.rows_for(requests)) for windows, prompt, requests
+                                     in warmup_programs(self.warmup, engine.max_len, engine.row_buckets)])
+
+
+def warmup_programs(level: str, max_len: int, row_buckets: tuple[int, ...]) -> list[tuple[int, int, int]]:
+    """`(windows, prompt bucket, requests at once)` to serve at start-up: every `warmup_shapes` pair alone, then
+    every larger row bucket's worth of requests at the first pair's prompt, for each window bucket warmed."""
+    shapes = warmup_shapes(level, max_len)
     if not shapes:
         return []
-    rows = [(windows, shapes[0][1], count) for windows in sorted({w for w, _ in shapes if w})
-            for count in engine.row_buckets[1:]]
-    return [(windows, prompt, 1) for windows, prompt in shapes] + rows
+    groups = [(windows, shapes[0][1], rows) for windows in sorted({w for w, _ in shapes if w})
+              for rows in row_buckets[1:]]
+    return [(windows, prompt, 1) for windows, prompt in shapes] + groups
 
 
 def warmup_shapes(level: str, max_len: int) -> list[tuple[int, int]]:
