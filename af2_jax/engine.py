@@ -393,7 +393,6 @@ class EnginePrograms:
         self.announce = announce or (lambda what: None)
         self.compile_s_by_kind: collections.Counter = collections.Counter()  # where compile time goes
         self._programs: collections.OrderedDict = collections.OrderedDict()
-        self._lock = threading.Lock()  # the cache, which a background compilation fills too
 
     @staticmethod
     def bound(windows: int, prompts: int, rows: int = 1) -> int:
@@ -415,8 +414,7 @@ class EnginePrograms:
         return sum(self.compile_s_by_kind.values())
 
     def keys(self) -> list[tuple]:
-        with self._lock:
-            return list(self._programs)
+        return list(self._programs)
 
     def compiled(self, kind: str, args, **statics):
         leaves, tree = jax.tree.flatten(args)
@@ -425,21 +423,19 @@ class EnginePrograms:
         placed = lambda leaf: getattr(leaf, "sharding", None) if self.mesh is not None else None  # noqa: E731
         key = (kind, tuple(sorted(statics.items())), tree,
                tuple((leaf.shape, leaf.dtype, placed(leaf)) for leaf in leaves))
-        with self._lock:
-            program = self._programs.get(key)
-            if program is not None:
-                self._programs.move_to_end(key)
-                return program
+        program = self._programs.get(key)
+        if program is not None:
+            self._programs.move_to_end(key)
+            return program
         self.announce(kind)
         start = time.perf_counter()
         fn = functools.partial(globals()[self.FUNCTIONS[kind]], graphdef=self.graphdef, **statics)
         with activation_sharding(self.mesh, self.config):
             program = jax.jit(fn, donate_argnums=(1,) if kind in self.DONATES_GROUP else ()).lower(*args).compile()
         self.compile_s_by_kind[kind] += time.perf_counter() - start
-        with self._lock:
-            self._programs[key] = program
-            if len(self._programs) > self.capacity:
-                self._programs.popitem(last=False)
+        self._programs[key] = program
+        if len(self._programs) > self.capacity:
+            self._programs.popitem(last=False)
         return program
 
     def run(self, kind: str, args, **statics):
@@ -536,8 +532,10 @@ class Engine:
         self._announced, self._admitted, self._shapes = False, 0, (0, 0, 0)  # for the compile line of a step
         self._lock = threading.Lock()  # the queue and the handles' flags
         self._driving = threading.Lock()  # one thread steps the engine at a time
+        self._compiling: threading.Thread | None = None  # compile_serving_form's thread
+        self._stop_compiling = threading.Event()
         self._serving_form: EnginePrograms | None = None  # compiled in the background, not switched to yet
-        self._compile_s_before_switch = 0.0
+        self._compile_s_waited = 0.0  # seconds serving waited for compilations, before the switch
         self.switched = threading.Event()  # set once the engine serves from the programs compiled in the background
 
     # --- the public side ----------------------------------------------------------------------------------------
@@ -607,25 +605,43 @@ class Engine:
             self._drive(None)
         return self.submit(request, on_token, on_done)
 
-    def compile_serving_form(self, shapes: Sequence[tuple[int, int, int]]) -> threading.Thread:
+    def compile_serving_form(self, shapes: Sequence[tuple[int, int, int]],
+                             on_ready: Callable[[], None] | None = None) -> threading.Thread:
         """Serves from the stacked form while the serving (list) form compiles: the first answers wait for the
         stacked form's programs, which compile several times faster (one layer's code instead of every layer's),
         instead of the list form's, which decode faster. Compiles, on a thread of its own, the list form's programs
-        for `shapes`, `(windows, prompt bucket, rows)` each (0 windows: a question without audio); at its next step
-        after that the engine moves its model's layers (in place) and the caches of the requests in flight to the
-        list form and serves on from those programs (`switched` is set then). Shapes not listed compile on first
-        use, as always. Needs a model in the stacked form on one device, in one process: the processes of a mesh
-        must switch at the same step, which a background thread cannot promise. Returns the thread."""
+        for `shapes`, `(windows, prompt bucket, rows)` each (0 windows: a question without audio; `rows_for` gives
+        the rows of a group of so many requests), then calls `on_ready()`; at its next step the engine moves its
+        model's layers (in place) and the caches of the requests in flight to the list form and serves on from those
+        programs (`switched` is set then). Shapes not listed compile on first use, as always.
+
+        Once per engine, for a model in the stacked form on one device in one process: the processes of a mesh must
+        switch at the same step, which a background thread cannot promise. The move keeps memory at the model plus
+        one stacked parameter and the caches of one layer more; a failure during it (out of memory) leaves the model
+        unusable. `stop_compiling` ends the thread after the shape it is compiling. Returns the thread."""
         if not self.model.scan_layers:
             raise ValueError("the model's layers are in the list form (the serving form) already")
         if self.mesh is not None or jax.process_count() > 1:
             raise ValueError("compiling the serving form in the background needs one device in one process (the "
                              "processes of a mesh must switch at the same step); load the model with "
                              "scan_layers=False instead")
-        thread = threading.Thread(target=self._compile_serving_form, args=(list(shapes),), name="af2-compile",
-                                  daemon=True)
-        thread.start()
-        return thread
+        if self._compiling is not None:
+            raise ValueError("this engine compiles its serving form once, and has started already")
+        if not shapes:
+            raise ValueError("no shapes to compile the serving form for")
+        self._compiling = threading.Thread(target=self._compile_serving_form, args=(list(shapes), on_ready),
+                                           name="af2-compile", daemon=True)
+        self._compiling.start()
+        return self._compiling
+
+    def stop_compiling(self) -> None:
+        """Ends `compile_serving_form`'s thread after the shape it is compiling (the engine then never switches)."""
+        self._stop_compiling.set()
+
+    @property
+    def compiling(self) -> bool:
+        """Whether `compile_serving_form`'s thread is compiling."""
+        return self._compiling is not None and self._compiling.is_alive()
 
     @property
     def switch_pending(self) -> bool:
@@ -688,15 +704,17 @@ class Engine:
         decoded = self._group is not None
         if decoded:
             self._decode()
-        self.timings["compile_s"] = self._compile_s_before_switch + self.programs.compile_s
+        self.timings["compile_s"] = self._compile_s_waited + self.programs.compile_s
         return switching or bool(admitted) or decoded
 
-    def _compile_serving_form(self, shapes: list[tuple[int, int, int]]) -> None:
+    def _compile_serving_form(self, shapes: list[tuple[int, int, int]], on_ready) -> None:
         start = time.perf_counter()
         try:
             graphdef, state = nnx.split(abstract_relayout(self.model, scan_layers=False))
             programs = EnginePrograms(graphdef, self.config, capacity=self.programs.capacity)
             for windows, prompt, rows in shapes:
+                if self._stop_compiling.is_set():
+                    return
                 programs.for_shapes(state, dtype=self.model.dtype, slots=rows, windows=bucket_windows(windows),
                                     prompt=prompt, max_len=self.max_len, steps=self.steps_per_call,
                                     audio=windows > 0)
@@ -707,6 +725,8 @@ class Engine:
         log.info("serving form compiled in the background: %d programs in %.1f s; switching at the next step",
                  programs.count, time.perf_counter() - start)
         self._serving_form = programs
+        if on_ready is not None:
+            on_ready()
 
     def _switch(self) -> None:
         """The model's layers, and the caches of the requests in flight, moved to the list form; the programs
@@ -718,7 +738,8 @@ class Engine:
                                                media_kv=stacked_to_list(group.state.media_kv))
         relayout(self.model, scan_layers=False)
         self.graphdef, self.state = nnx.split(self.model)
-        self._compile_s_before_switch += self.programs.compile_s
+        # Serving waited for the stacked form's compilations, not for the background's.
+        self._compile_s_waited += self.programs.compile_s - programs.compile_s
         self.programs, programs.announce = programs, self._announce
         self.switched.set()
         log.info("serving from the serving form's programs now")

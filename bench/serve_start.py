@@ -73,6 +73,8 @@ def one_start(checkpoint: Path, dtype: str, background: bool, port: int, audio: 
             answered = time.time()
             while (warm := next(filter(None, (log_time(x, WARM) for x in log.read_text().splitlines())),
                                 None)) is None:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"no end of warm-up or switch in the log:\n{log.read_text()}")
                 time.sleep(0.2)
             ask(client, f"http://127.0.0.1:{port}", audio, 64)  # compiles nothing more: timed below
             latency, first, tokens = ask(client, f"http://127.0.0.1:{port}", audio, 64)

@@ -59,8 +59,8 @@ def session_root() -> Path:
 @pytest.fixture(scope="session")
 def fixture_model():
     """`fixture_model(golden, scan_layers)`: the golden fixture's model in float32 with its layers stacked or not,
-    loaded once per session for the tests that only read it (`relayout` empties the model it reads, so each layout
-    is loaded on its own)."""
+    loaded once per session for the tests that only read it (`relayout` moves a model's layers in place, so each
+    layout is loaded on its own)."""
     from af2_jax.checkpoint import load_original
     from af2_jax.nn.af2 import relayout
 

@@ -218,8 +218,18 @@ def test_a_stacked_model_serves_while_the_serving_form_compiles(golden, engine):
     switching.step()  # admitted, and decoding on the stacked form
     switching.compile_serving_form([(0, 16, switching.rows_for(1))]).join()
     assert switching.switch_pending and switching.busy == 2 and model.scan_layers
+    compiled = switching._serving_form.count
+    with pytest.raises(ValueError, match="once"):
+        switching.compile_serving_form([(0, 16, 2)])
     assert [h.result().tokens for h in handles] == solo[1:]
     assert switching.switched.is_set() and not model.scan_layers
-    compiled = switching.programs.count
     assert switching.run([requests[0]])[0].tokens == solo[0]
-    assert switching.programs.count == compiled
+    assert switching.programs.count == compiled  # the shape in flight and the listed one: compiled already
+
+
+def test_the_runner_compiles_in_the_background_only_from_stacked_layers(engine):
+    from af2_jax.server.runner import EngineRunner
+
+    with pytest.raises(ValueError, match="background compilation needs a model in the stacked form and a warm-up "
+                                         r"\(got list layers, warmup 'min'\)"):
+        EngineRunner(lambda: engine, background_compile=True)

@@ -169,19 +169,25 @@ def _serve(args) -> int:
                       mesh=mesh, max_windows=args.max_windows)
 
     name = args.served_model_name or path.resolve().name
-    app = create_app(EngineRunner(make_engine, warmup=args.warmup), tokenizer,
+    runner = EngineRunner(make_engine, warmup=args.warmup, background_compile=args.background_compile)
+    app = create_app(runner, tokenizer,
                      ServerOptions(served_model_name=name, max_body_mb=args.max_body_mb,
                                    request_timeout=args.request_timeout, api_key=args.api_key,
                                    allowed_local_dir=args.allowed_local_dir,
                                    strict_model_name=args.strict_model_name))
     host, port = sock.getsockname()[:2]
-    log.info("serving %s on http://%s:%d/v1 (%d slots, max_len %d, queue %d%s); /health is 503 until warm-up (%s) "
-             "ends", name, host, port, args.slots, args.max_len, args.max_queue,
-             ", API key required" if args.api_key else "", args.warmup)
+    log.info("serving %s on http://%s:%d/v1 (%d slots, max_len %d, queue %d%s); /health is 503 until %s", name,
+             host, port, args.slots, args.max_len, args.max_queue, ", API key required" if args.api_key else "",
+             "the first warm-up answer (the serving layout then compiles in the background)"
+             if args.background_compile else f"warm-up ({args.warmup}) ends")
     server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="on",
                                            timeout_graceful_shutdown=args.shutdown_grace))
     # uvicorn re-raises SIGTERM once it has shut down gracefully; a handler makes that planned stop exit 0.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     server.run(sockets=[sock])
     log.info("stopped")
+    if runner.engine.compiling:
+        # XLA cannot be interrupted, and a compilation still running on its thread aborts the interpreter's exit.
+        logging.shutdown()
+        os._exit(0)
     return 0

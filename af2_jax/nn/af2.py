@@ -208,9 +208,10 @@ def abstract_relayout(model: AF2Model, scan_layers: bool) -> AF2Model:
     sources = {slot.path: slot for slot in slots(model)}
     for slot in slots(target):
         source = sources[slot.path]
-        stored = source.sharding(source.variable[...].sharding)
-        for var in slot.variables:
-            var.set_value(jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=slot.held_sharding(stored)))
+        held = source.variable[...]
+        stored = source.sharding(held.sharding)
+        for var in slot.variables:  # the dtype the moved array keeps, which is the source's
+            var.set_value(jax.ShapeDtypeStruct(var.shape, held.dtype, sharding=slot.held_sharding(stored)))
     return target
 
 

@@ -53,13 +53,19 @@ class Stream:
 
 
 class EngineRunner:
-    """Owns the engine and the thread that drives it; `make_engine()` builds the engine (again after a failure)."""
+    """Owns the engine and the thread that drives it; `make_engine()` builds the engine (again after a failure).
+    `background_compile`: the engine's model is in the stacked form; the first warm-up shape is served on it and the
+    rest compile for the serving form in the background (`Engine.compile_serving_form`)."""
 
-    def __init__(self, make_engine: Callable[[], Engine], *, warmup: str = "min"):
+    def __init__(self, make_engine: Callable[[], Engine], *, warmup: str = "min", background_compile: bool = False):
         if warmup not in WARMUP_LEVELS:
             raise ValueError(f"warmup must be one of {', '.join(WARMUP_LEVELS)}, got {warmup!r}")
-        self.make_engine, self.warmup = make_engine, warmup
+        self.make_engine, self.warmup, self.background_compile = make_engine, warmup, background_compile
         self.engine = make_engine()
+        if background_compile and not (self.engine.model.scan_layers and self._programs()):
+            raise ValueError("background compilation needs a model in the stacked form and a warm-up "
+                             f"(got {'stacked' if self.engine.model.scan_layers else 'list'} layers, warmup "
+                             f"{warmup!r})")
         self.ready = threading.Event()  # warm-up done
         self._open: set[Stream] = set()
         self._swap = threading.Lock()  # submit vs. replacing a failed engine
@@ -74,6 +80,7 @@ class EngineRunner:
         self._stopping.set()
         self._wake.set()
         self._thread.join(timeout)
+        self.engine.stop_compiling()
 
     def submit(self, request: Request, loop: asyncio.AbstractEventLoop) -> Stream:
         """Queues `request` (EngineFull when the queue is full, ValueError when it cannot be served)."""
@@ -126,10 +133,11 @@ class EngineRunner:
 
     def _recover(self) -> None:
         log.exception("the engine failed; the requests in flight end with an error and the engine is built again")
+        self.engine.stop_compiling()
         with self._swap:
             failed, self._open = self._open, set()
             self.engine = self.make_engine()
-        if self.engine.model.scan_layers:  # it failed before switching to the serving form
+        if self.background_compile and self.engine.model.scan_layers:  # it failed before switching
             self._compile_serving_form()
         for stream in failed:
             stream._put(EngineFailed("the engine failed while serving this request; see the server log"))
@@ -140,17 +148,17 @@ class EngineRunner:
         serving form in the background (`Engine.compile_serving_form`): its first answer comes after the stacked
         form's short compilation, and the engine switches to the serving form once that is compiled."""
         engine = self.engine
-        programs = warmup_programs(self.warmup, engine.max_len, engine.row_buckets)
+        programs = self._programs()
         if not programs:
             return
         start = time.perf_counter()
-        for windows, prompt, requests in programs[:1] if engine.model.scan_layers else programs:
+        for windows, prompt, requests in programs[:1] if self.background_compile else programs:
             begun = time.perf_counter()
             engine.run([warmup_request(engine, windows, prompt) for _ in range(requests)])
             what = f"{windows} window(s)" if windows else "no audio"
             log.info("warm-up: %s, prompt bucket %d, %d request(s): %.1f s", what, prompt, requests,
                      time.perf_counter() - begun)
-        if engine.model.scan_layers:
+        if self.background_compile:
             log.info("warm-up (%s): first answer in %.1f s from the stacked layers; the serving form's %d shapes "
                      "compile in the background", self.warmup, time.perf_counter() - start, len(programs))
             self._compile_serving_form()
@@ -158,11 +166,13 @@ class EngineRunner:
         log.info("warm-up (%s) done in %.1f s, %d compiled programs (regrouping rows compiles on first use)",
                  self.warmup, time.perf_counter() - start, engine.programs.count)
 
+    def _programs(self) -> list[tuple[int, int, int]]:
+        return warmup_programs(self.warmup, self.engine.max_len, self.engine.row_buckets)
 
     def _compile_serving_form(self) -> None:
         engine = self.engine
-        engine.compile_serving_form([(windows, prompt, engine.rows_for(requests)) for windows, prompt, requests
-                                     in warmup_programs(self.warmup, engine.max_len, engine.row_buckets)])
+        engine.compile_serving_form([(windows, prompt, engine.rows_for(requests))
+                                     for windows, prompt, requests in self._programs()], on_ready=self._wake.set)
 
 
 def warmup_programs(level: str, max_len: int, row_buckets: tuple[int, ...]) -> list[tuple[int, int, int]]:
