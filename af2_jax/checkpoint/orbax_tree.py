@@ -72,6 +72,7 @@ def _orbax_errors(path: Path, action: str):
 
 
 _ORBAX_SOURCE = f"{os.sep}orbax{os.sep}"
+_OCDBT_READ = "in OCDBT database at"  # how TensorStore names the checkpoint in a failed read
 
 
 class _AbandonedReads:
@@ -95,12 +96,15 @@ class _AbandonedReads:
 
     def filter(self, record: logging.LogRecord) -> bool:
         """False for asyncio's "exception was never retrieved" / "destroyed but pending" on an Orbax task, which
-        names Orbax's source in the task or in the exception's traceback."""
-        if _ORBAX_SOURCE in record.getMessage():
+        names Orbax's source in the task or in the exception's traceback, or TensorStore's OCDBT reader in the
+        exception (a read task wrapped by asyncio alone, whose traceback has no Orbax frame)."""
+        message = record.getMessage()
+        if _ORBAX_SOURCE in message or _OCDBT_READ in message:
             return False
         err = record.exc_info[1] if record.exc_info else None
         while err is not None:
-            if any(_ORBAX_SOURCE in frame.filename for frame in traceback.extract_tb(err.__traceback__)):
+            if _OCDBT_READ in str(err) or any(_ORBAX_SOURCE in frame.filename
+                                              for frame in traceback.extract_tb(err.__traceback__)):
                 return False
             err = err.__cause__ or err.__context__
         return True
