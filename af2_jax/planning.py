@@ -8,6 +8,7 @@ figure is an upper bound there.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 
@@ -85,11 +86,15 @@ def plan_serving(request: PlanRequest) -> dict:
     graphdef, state = nnx.split(nnx.eval_shape(build))
     weights = 0
     shardings = {}
+    stacked = collections.Counter()  # each layer parameter's bytes in the stacked form
     for path, var in nnx.to_flat_state(state):
         sharding = variable_sharding(var, placement)
         shardings[path] = sharding
         stored = jnp.float32 if isinstance(var, nnx.BatchStat) else var.dtype
-        weights += _shard_bytes(var.shape, stored, sharding)
+        nbytes = _shard_bytes(var.shape, stored, sharding)
+        weights += nbytes
+        if path[0] == "layers" and not request.scan_layers:  # ("layers", i, ...) in the list form
+            stacked[path[2:]] += nbytes
 
     rows = bucket_rows(max(request.batch, data_parallel_size(mesh)))
     check_batch_splits(mesh, rows)
@@ -102,8 +107,8 @@ def plan_serving(request: PlanRequest) -> dict:
     media_shape = (rows, xa.heads, windows * config.htsat.tokens_per_window, xa.dim_head)
     kv_cache = placement.sharding(("batch", "kv_heads", "length", "head_dim"), cache_shape)
     media_kv = placement.sharding(("batch", "xattn_heads", "audio_tokens", "head_dim"), media_shape)
-    per_layer = _shard_bytes(cache_shape, dtype, kv_cache) + _shard_bytes(media_shape, dtype, media_kv)
-    caches = 2 * lm.num_layers * per_layer  # K and V
+    cache_bytes, media_bytes = _shard_bytes(cache_shape, dtype, kv_cache), _shard_bytes(media_shape, dtype, media_kv)
+    caches = 2 * lm.num_layers * (cache_bytes + media_bytes)  # K and V
 
     temporaries = None
     if request.temporaries:
@@ -114,6 +119,12 @@ def plan_serving(request: PlanRequest) -> dict:
         f"{windows}), prompt {request.prompt} (bucket {prompt}), {request.new} new tokens"],
         [("weights", weights), ("KV cache + cross-attention K/V", caches), ("weights + caches", weights + caches)],
         "compiled temporaries", temporaries)
+    if not request.scan_layers and not request.quantize and math.prod(mesh.shape.values()) == 1:
+        # serve --background-compile moves the weights (one stacked parameter at a time) and then the caches (one
+        # stacked array at a time: every layer's K, or V) from the stacked form while serving.
+        switch = max(max(stacked.values()), lm.num_layers * max(cache_bytes, media_bytes))
+        table += (f"\nserve --background-compile needs {switch / 1e9:.3f} GB more while it moves the layers from the "
+                  "stacked form (the largest stacked parameter or cache)")
     most = None
     if request.hbm_gb is not None:
         # Caches grow with the rows; the temporaries are taken as at this batch (they grow too, a little).

@@ -23,6 +23,12 @@ def test_3b_on_one_device_fits_the_spec_budget(child_runs):
     assert run.returncode == 0, run.stderr
     assert 9.5 < gb["weights"] < 9.7  # 9.6 GB of bfloat16 weights (docs/original.md#parameter-counts)
     assert gb["weights + caches"] < 10.5
+    # Moving the layers while serving needs the largest stacked parameter more: the MLP's (36, 2048, 11008) bf16.
+    from af2_jax.config import preset
+
+    lm = preset("af2-3b").lm
+    switch = float(re.search(r"serve --background-compile needs ([\d.]+) GB more", run.stdout)[1])
+    assert switch == pytest.approx(lm.num_layers * lm.hidden_size * lm.intermediate_size * 2 / 1e9, abs=1e-3)
 
 
 # Stacked layers: the same weights and caches as the serving layout, compiled in a fifth of the time.
@@ -34,6 +40,7 @@ def test_3b_on_tensor_4_leaves_room_for_batch_8_on_16_gb(child_runs):
     assert run.returncode == 0, run.stdout + run.stderr
     assert "kv_heads: 2 units do not split over tensor=4, replicated" in run.stdout
     assert gb["weights"] < 3.5 and "CPU upper bound" in run.stdout and "fits in 16 GB" in run.stdout
+    assert "--background-compile" not in run.stdout  # stacked already, and on a mesh
 
 
 @pytest.mark.child_processes(_plan("--model", "af2-3b", "--mesh", "data=3", "--batch", "4", "--no-compile"))
