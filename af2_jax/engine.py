@@ -617,8 +617,9 @@ class Engine:
 
         Once per engine, for a model in the stacked form on one device in one process: the processes of a mesh must
         switch at the same step, which a background thread cannot promise. The move needs the memory of the largest
-        stacked parameter or stacked cache array (every layer's K, or V) more (`plan` says how much); a failure during it (out of memory) leaves the model
-        unusable. `stop_compiling` ends the thread after the shape it is compiling. Returns the thread."""
+        stacked parameter or stacked cache array (every layer's K, or V) more (`plan` says how much); a failure
+        during it (out of memory) leaves the model unusable. `stop_compiling` ends the thread after the shape it is
+        compiling. Returns the thread."""
         if not self.model.scan_layers:
             raise ValueError("the model's layers are in the list form (the serving form) already")
         if self.mesh is not None or jax.process_count() > 1:

@@ -108,12 +108,15 @@ def config_for(dry_run: bool):
     return preset("af2-3b")
 
 
+def abstract_model(config, dtype, *, scan_layers: bool, param_dtype=None):
+    """`(graphdef, state)` of an AF2Model whose values are `jax.ShapeDtypeStruct`s (no memory)."""
+    return nnx.split(nnx.eval_shape(lambda: AF2Model(config, dtype=dtype, param_dtype=param_dtype or dtype,
+                                                     rngs=nnx.Rngs(0), scan_layers=scan_layers)))
+
+
 def random_model(config, dtype, *, scan_layers: bool, param_dtype=None):
     """An AF2Model with random weights drawn on the default device (no host copy of the weights)."""
-
-    abstract = nnx.eval_shape(lambda: AF2Model(config, dtype=dtype, param_dtype=param_dtype or dtype,
-                                               rngs=nnx.Rngs(0), scan_layers=scan_layers))
-    graphdef, state = nnx.split(abstract)
+    graphdef, state = abstract_model(config, dtype, scan_layers=scan_layers, param_dtype=param_dtype)
     on_host = jax.default_backend() == "cpu"  # the device is the host: numpy draws faster than compiled programs
     rng, key = np.random.default_rng(0), jax.random.key(0)
     for n, (_, var) in enumerate(nnx.to_flat_state(state)):
@@ -257,8 +260,7 @@ class Check:
             warm[f"slots{slots}"] = {"total": runs[0]["compile_s"],
                                      "by_kind": dict(engine.programs.compile_s_by_kind)}
         stacked = {}
-        graphdef, state = nnx.split(nnx.eval_shape(lambda: AF2Model(self.config, dtype=self.dtype,
-                                                                    param_dtype=self.dtype, rngs=nnx.Rngs(0))))
+        graphdef, state = abstract_model(self.config, self.dtype, scan_layers=True)
         max_len = self.setup.prompt + self.setup.new  # as `_engine`'s, whose prompt buckets stop there
         for slots in self.setup.slots:
             programs = EnginePrograms(graphdef, self.config)
